@@ -1,0 +1,218 @@
+"""The sequence-mixer contract, as reusable checks.
+
+Each check takes `make(seed) -> Mixer` and raises AssertionError when the
+mixer breaks the contract. `test_mixer_contract.py` runs them over every
+registered mixer; `test_contract_meta.py` runs them over deliberately
+broken mixers to show that each check can fail.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.mixers.base import DECODE_STATES, TRAIN_COSTS, Mixer, MixerInfo
+
+D_MODEL = 32
+BATCH = 2
+LENGTH = 16
+RTOL = 1e-5  # relative error for fp32 equivalences
+
+Make = Callable[[int], Mixer]
+
+
+def inputs(seed: int, length: int = LENGTH, dtype=jnp.float32) -> jax.Array:
+  x = np.random.default_rng(seed).standard_normal((BATCH, length, D_MODEL))
+  return jnp.asarray(x, dtype)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@nnx.jit
+def _step(mixer, x, cache):
+  return mixer(x, cache=cache)
+
+
+@nnx.jit
+def full(mixer, x, segment_ids=None):
+  return mixer(x, segment_ids=segment_ids)
+
+
+def run_pieces(mixer: Mixer, x: jax.Array, cuts: list[int], max_len: int):
+  """Feed x in pieces of the given lengths through one jitted step."""
+  cache = mixer.init_cache(x.shape[0], max_len, x.dtype)
+  outs, start = [], 0
+  for n in cuts:
+    y, cache = _step(mixer, x[:, start:start + n], cache)
+    assert y.shape == (x.shape[0], n, x.shape[2]), (
+        f"piece output shape {y.shape} != {(x.shape[0], n, x.shape[2])}")
+    outs.append(y)
+    start += n
+  return jnp.concatenate(outs, axis=1), cache
+
+
+def check_shape_dtype_jit(make: Make):
+  m = make(0)
+  x = inputs(1)
+  y = m(x)  # eager
+  assert y.shape == x.shape, f"output shape {y.shape} != input shape {x.shape}"
+  assert y.dtype == x.dtype, f"output dtype {y.dtype} != input dtype {x.dtype}"
+  yj = full(m, x)
+  assert rel_err(yj, y) <= 1e-4, f"jit output differs: rel err {rel_err(yj, y)}"
+  assert np.isfinite(np.asarray(y)).all(), "non-finite fp32 output"
+
+
+def check_bf16(make: Make):
+  m = make(0)
+  x = inputs(1, dtype=jnp.bfloat16)
+  y = full(m, x)
+  assert y.dtype == jnp.bfloat16, f"bf16 input gave {y.dtype} output"
+  assert np.isfinite(np.asarray(y, np.float32)).all(), "NaN/Inf in bf16 forward"
+  y32 = full(m, x.astype(jnp.float32))
+  # bf16 has ~3 significant digits; a mixer that is merely noisy stays
+  # well inside 5%, one that drifts or overflows does not.
+  assert rel_err(y, y32) < 0.05, f"bf16 vs fp32 rel err {rel_err(y, y32):.3g}"
+  _, cache = run_pieces(m, x, [LENGTH // 2, 1, LENGTH // 2 - 1], LENGTH)
+  for leaf in jax.tree.leaves(cache):
+    assert np.isfinite(np.asarray(leaf, np.float32)).all(), "non-finite bf16 cache"
+
+
+def check_causal(make: Make, seeds=(0, 1), ts=(0, 5, LENGTH - 2)):
+  for seed in seeds:
+    m = make(seed)
+    x = inputs(10 + seed)
+    y = np.asarray(full(m, x))
+    for t in ts:
+      noise = inputs(100 + seed + t)
+      x2 = x.at[:, t + 1:].set(noise[:, t + 1:] * 3.0)
+      y2 = np.asarray(full(m, x2))
+      err = rel_err(y2[:, :t + 1], y[:, :t + 1])
+      assert err <= RTOL, (f"not causal: changing inputs after t={t} changed "
+                           f"outputs at <= t (rel err {err:.3g}, seed {seed})")
+
+
+# Piece lengths are kept to a few distinct values: each one compiles.
+CUTS = ([LENGTH], [1] * LENGTH, [4, 1, 1, 5, 5], [11, 5])
+
+
+def check_incremental(make: Make, cuts=CUTS):
+  m = make(0)
+  x = inputs(2)
+  y_full = full(m, x)
+  for cut in cuts:
+    assert sum(cut) == LENGTH
+    for max_len in (LENGTH, 2 * LENGTH) if cut == CUTS[2] else (2 * LENGTH,):
+      y, _ = run_pieces(m, x, cut, max_len)
+      err = rel_err(y, y_full)
+      assert err <= RTOL, (f"incremental != full for pieces {cut}, max_len "
+                           f"{max_len}: rel err {err:.3g}")
+
+
+def check_overflow(make: Make):
+  m = make(0)
+  x = inputs(3)
+  _, cache = run_pieces(m, x, [LENGTH - 2], LENGTH)
+  try:
+    m(x[:, :3], cache=cache)
+  except ValueError as e:
+    assert "max_len" in str(e), f"overflow error does not name max_len: {e}"
+    return
+  # Only mixers whose state never fills may accept it.
+  assert m.info.decode_state != "length", (
+      "a cache that grows with length accepted a piece past max_len")
+
+
+def check_packed(make: Make, split=6):
+  m = make(0)
+  x = inputs(4)
+  seg = jnp.asarray([[0] * split + [1] * (LENGTH - split),
+                     [3] * (LENGTH - 3) + [4] * 3], jnp.int32)
+  if not m.info.supports_segments:
+    try:
+      full(m, x, seg)
+    except ValueError as e:
+      assert "segment" in str(e), f"refusal does not mention segments: {e}"
+      return
+    raise AssertionError("mixer says it does not support segments but accepted them")
+  y = full(m, x, seg)
+  for b, s in ((0, split), (1, LENGTH - 3)):
+    a0 = full(m, x[b:b + 1, :s])
+    a1 = full(m, x[b:b + 1, s:])
+    ref = jnp.concatenate([a0, a1], axis=1)[0]
+    err = rel_err(y[b], ref)
+    assert err <= RTOL, f"packed != separate (row {b}): rel err {err:.3g}"
+
+
+def check_gradients(make: Make):
+  m = make(0)
+  x = inputs(5)
+  w = inputs(6)
+
+  @nnx.jit
+  @nnx.grad
+  def grads_of(mod):
+    return jnp.sum(mod(x) * w)
+
+  grads = grads_of(m)
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(grads, nnx.Param))[0]
+  assert flat, "mixer has no parameters"
+  for path, g in flat:
+    name = jax.tree_util.keystr(path)
+    g = np.asarray(g)
+    assert np.isfinite(g).all(), f"non-finite gradient for {name}"
+    assert np.abs(g).max() > 0, f"zero gradient for parameter {name}"
+
+
+def check_deterministic(make: Make):
+  a, b = make(7), make(7)
+  pa = jax.tree.leaves(nnx.state(a, nnx.Param))
+  pb = jax.tree.leaves(nnx.state(b, nnx.Param))
+  for u, v in zip(pa, pb, strict=True):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  x = inputs(8)
+  np.testing.assert_array_equal(np.asarray(full(a, x)), np.asarray(full(b, x)))
+
+
+def cache_size(m: Mixer, max_len: int) -> int:
+  shapes = jax.eval_shape(lambda: m.init_cache(1, max_len, jnp.float32))
+  return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+def check_metadata(make: Make):
+  m = make(0)
+  info = m.info
+  assert isinstance(info, MixerInfo), "info must be a MixerInfo"
+  assert info.paper and info.family, "info must name the paper and family"
+  assert info.train_cost in TRAIN_COSTS and info.decode_state in DECODE_STATES
+  doc = type(m).__doc__ or ""
+  assert len(doc.split()) >= 20, "docstring must name the paper, equation and cost"
+  f1, f2 = m.flops_per_token(1024), m.flops_per_token(4096)
+  assert 0 < f1 < float("inf") and f2 >= f1, "flops_per_token must be positive, non-decreasing"
+  if info.train_cost == "quadratic":
+    assert f2 > f1, "quadratic mixer's FLOPs per token must grow with length"
+  small, big = cache_size(m, 1024), cache_size(m, 4096)
+  if info.decode_state == "length":
+    assert big > small, "decode_state='length' but the cache does not grow"
+  else:
+    assert big == small, (f"decode_state={info.decode_state!r} but the cache "
+                          f"grows with max_len ({small} -> {big} values)")
+
+
+CHECKS = {
+    "shape_dtype_jit": check_shape_dtype_jit,
+    "bf16": check_bf16,
+    "causal": check_causal,
+    "incremental": check_incremental,
+    "overflow": check_overflow,
+    "packed": check_packed,
+    "gradients": check_gradients,
+    "deterministic": check_deterministic,
+    "metadata": check_metadata,
+}
