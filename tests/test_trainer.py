@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from trainer_fixtures import (ToyIter, compile_cache, count_compiles,  # noqa: F401
-                              eval_batches, tiny_config, xla_cache_dir)
+                              eval_batches, tiny_config)
 from train import eval as evaluation
 from train import metrics, optim
 from train.checkpoint import Checkpointer
@@ -111,7 +111,7 @@ def test_train_step_compiles_once(tmp_path):
   compile happens after the first step."""
   setup = build(tiny_config(str(tmp_path)))
   step = make_train_step(setup)
-  state, it = setup.init_state(), ToyIter(4)
+  state, it = setup.init_state(), ToyIter()
   state, _ = step(state, shard_batch(next(it), setup.mesh))
   with count_compiles() as compiles:
     for _ in range(3):
@@ -134,7 +134,7 @@ def _grads(cfg, params, batch):
 def test_grad_accumulation_and_remat_equal_the_plain_big_batch_step():
   cfg = tiny_config("unused")
   params = build(cfg).init_state().params
-  batch = ToyIter(4, segments=True).batch(0)
+  batch = ToyIter(segments=True).batch(0)
   batch["loss_mask"][:1] = 0.0  # uneven token counts across micro-batches
   ref_loss, ref = _grads(cfg, params, batch)
   variants = {
@@ -153,7 +153,7 @@ def test_grad_accumulation_and_remat_equal_the_plain_big_batch_step():
 def test_bf16_compute_keeps_fp32_master_weights_and_loss():
   cfg = tiny_config("unused")
   setup = build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16")))
-  batch = ToyIter(4).batch(0)
+  batch = ToyIter().batch(0)
   ref_loss, _ = _grads(cfg, setup.init_state().params, batch)
   new, m = make_train_step(setup)(setup.init_state(), shard_batch(batch, setup.mesh))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
@@ -172,7 +172,7 @@ def test_batch_shape_errors():
 def test_run_writes_logs_checkpoints_and_summary(tmp_path):
   run_dir = str(tmp_path / "run")
   cfg = tiny_config(run_dir, eval_every=4, checkpoint_every=4)
-  s = train(cfg, ToyIter(4), eval_batches(4), data_info=TOY)
+  s = train(cfg, ToyIter(), eval_batches(), data_info=TOY)
   for key in ("params", "tokens_per_s", "step_time_s", "compile_time_s", "mfu",
               "peak_memory_bytes", "val_loss", "val_ppl", "val_accuracy",
               "train_loss", "run_dir"):
@@ -190,7 +190,7 @@ def test_run_writes_logs_checkpoints_and_summary(tmp_path):
   assert json.load(open(os.path.join(run_dir, "data.json"))) == TOY
   assert Checkpointer(os.path.join(run_dir, "checkpoints"), keep=2).latest_step() == 8
   # Rerunning a finished run trains nothing and reports the same final state.
-  again = train(cfg, ToyIter(4), eval_batches(4), data_info=TOY)
+  again = train(cfg, ToyIter(), eval_batches(), data_info=TOY)
   assert again["train_loss"] == s["train_loss"] and again["val_loss"] == s["val_loss"]
 
 
@@ -198,7 +198,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   run_dir = str(tmp_path / "run")
   cfg = tiny_config(run_dir, checkpoint_every=2)
   with pytest.raises(NonFiniteLossError, match="non-finite loss nan .* at step 5"):
-    train(cfg, ToyIter(4, nan_mask_at=4), eval_batches(4), data_info=TOY)
+    train(cfg, ToyIter(nan_mask_at=4), eval_batches(), data_info=TOY)
   ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=2)
   assert ckpt.latest_step() == 4
   setup = build(cfg)
