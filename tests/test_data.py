@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from arches.lm import LMConfig
-from layers.mixers.base import MixerInfo
 from train import data, tasks
 from train.config import DataConfig
 
@@ -280,6 +279,9 @@ def test_resume_is_exact(cfg, prefetch, corpus_dir):
   other = data.make_train_iter(cfg, 64, seed=2)
   with pytest.raises(ValueError, match=r"different stream.*\['seed'\]"):
     other.set_state(state)
+  longer = data.make_train_iter(dataclasses.replace(cfg, seq_len=cfg.seq_len + 1), 64, seed=1)
+  with pytest.raises(ValueError, match=r"\['data.seq_len'\]"):
+    longer.set_state(state)
 
 
 # -- bad input -----------------------------------------------------------------------

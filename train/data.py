@@ -424,9 +424,10 @@ def make_train_iter(data_cfg, batch_size: int, *, seed: int, process_index=None,
   def batch_of_step(step: int) -> dict[str, np.ndarray]:
     return source.batch(_train_ids(source, seed, step * batch_size + rows_b))
 
-  identity = {"data": {k: v for k, v in dataclasses.asdict(data_cfg).items()
-                       if k != "prefetch"},
-              "batch_size": batch_size, "seed": seed}
+  # Flat, so a mismatch names the field. Prefetching does not change the stream.
+  identity = {f"data.{k}": v for k, v in dataclasses.asdict(data_cfg).items()
+              if k != "prefetch"}
+  identity.update(batch_size=batch_size, seed=seed)
   if data_cfg.task == "text":
     identity["corpus_sha256"] = load_corpus(data_cfg.path).sha256
   dataset = grain.MapDataset.range(sys.maxsize).map(batch_of_step)
