@@ -58,10 +58,10 @@ def decay(rng, kind, L):
     return None
   if kind == "head":
     return jnp.asarray(-rng.uniform(0, 0.5, (B, L, H, 1)), jnp.float32)
-  # Per channel, half of them so strong (cumulative log decay ~ -100 in a
-  # chunk of 32) that splitting exp(b_t - b_s) as exp(b_t) exp(-b_s) would
-  # overflow fp32.
-  strong = -rng.uniform(0, 6, (B, L, H, K // 2))
+  # Per channel, half of them so strong (cumulative log decay ~ -100 over a
+  # sub-chunk of 16) that splitting exp(b_t - b_s) as exp(b_t) exp(-b_s)
+  # around the chunk start would overflow fp32.
+  strong = -rng.uniform(4, 8, (B, L, H, K // 2))
   weak = -rng.uniform(0, 0.1, (B, L, H, K - K // 2))
   return jnp.asarray(np.concatenate([strong, weak], -1), jnp.float32)
 

@@ -1,12 +1,12 @@
 """Causal linear attention with optional per-step decay, in three forms.
 
 Per head, with a state S_t of shape [K, V] kept in fp32 (a bf16 running
-sum drifts after a few hundred steps):
+sum loses the small late terms as it grows):
 
   S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,      o_t = S_t^T q_t
 
 g_t <= 0 is the log decay: [B, L, H, 1] for one decay per head and step
-(RetNet's gamma, a stabilizer rescale) or [B, L, H, K] for one per key
+(RetNet's gamma, Performer's stabilizer rescale) or [B, L, H, K] for one per key
 channel (GLA's gates); None means no decay (Katharopoulos et al., 2020).
 Where segment ids change the state restarts from zero, so packed rows give
 the outputs of separate runs.
