@@ -33,6 +33,8 @@ def test_partition_spec_follows_rules_and_divisibility():
   assert partition_spec(None, (), mesh, RULES) == P()
   with pytest.raises(ValueError, match="mesh axes are"):
     check_rules({"embed": "model"})
+  with pytest.raises(ValueError, match="logical axes are"):
+    check_rules({"d_model": "fsdp"})
 
 
 def test_mesh_errors_name_the_problem():

@@ -19,8 +19,8 @@ from trainer_fixtures import (ToyIter, compile_cache, count_compiles,  # noqa: F
 from train import eval as evaluation
 from train import metrics, optim
 from train.checkpoint import Checkpointer
-from train.config import OptimizerConfig
-from train.loop import NonFiniteLossError, train
+from train.config import DataConfig, OptimizerConfig
+from train.loop import NonFiniteLossError, evaluate, run, train
 from train.sharding import shard_batch
 from train.state import build
 from train.step import make_eval_step, make_train_step, summed_grads
@@ -245,3 +245,29 @@ def test_evaluate_lengths_runs_each_multiple(tmp_path):
   with pytest.raises(ValueError, match="multiples >= 1"):
     evaluation.evaluate_lengths(setup, state, (0,), eval_step=make_eval_step(setup),
                                 make_batches=make_batches)
+
+
+def test_bits_per_byte_for_text_accuracy_for_tasks():
+  sums = {"nll": 2.0 * math.log(2) * 10, "count": 10.0, "correct": 4.0}
+  text = evaluation.summarize(sums, DataConfig(task="text"))
+  assert math.isclose(text["val_bpb"], 2.0) and "val_accuracy" not in text
+  task = evaluation.summarize(sums, tiny_config("x").data)
+  assert task["val_accuracy"] == 0.4 and "val_bpb" not in task
+
+
+def test_run_on_the_data_pipeline_then_evaluate_the_checkpoint(tmp_path):
+  """run(cfg) end to end on the real selective-copy stream, with the
+  length-extrapolation eval; evaluate(cfg) reproduces its final metrics."""
+  cfg = tiny_config(str(tmp_path / "run"), steps=8, eval_lengths=(1, 2))
+  s = run(cfg)
+  assert set(s["eval_lengths"]) == {1, 2}
+  assert math.isclose(s["eval_lengths"][1]["val_loss"], s["val_loss"], rel_tol=1e-6)
+  assert json.load(open(tmp_path / "run" / "data.json"))["task"] == "selective_copy"
+  e = evaluate(cfg)
+  assert e["step"] == 8
+  for k in ("val_loss", "val_accuracy"):
+    assert math.isclose(e[k], s[k], rel_tol=1e-6), k
+  assert math.isclose(e["eval_lengths"][2]["val_loss"], s["eval_lengths"][2]["val_loss"],
+                      rel_tol=1e-6)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    evaluate(tiny_config(str(tmp_path / "empty")))
