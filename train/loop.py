@@ -201,6 +201,22 @@ class Trainer:
     }
 
 
+def _check_resumable(cfg: Config):
+  """A run_dir with checkpoints of another model would fail deep in orbax;
+  say what differs instead."""
+  path = os.path.join(cfg.train.run_dir, "config.json")
+  checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return
+  saved = json.load(open(path))["model"]
+  now = json.loads(json.dumps(config_dict(cfg)))["model"]
+  diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+  if diff:
+    raise ValueError(f"run_dir {cfg.train.run_dir} holds checkpoints of another "
+                     f"model (model.{', model.'.join(diff)} differ); resume with "
+                     f"the same model or pick a new run_dir")
+
+
 def _check_train_config(tc):
   if tc.eval_batches < 1 or tc.log_every < 1:
     raise ValueError(f"TrainConfig.eval_batches and log_every must be >= 1, got "
@@ -214,9 +230,11 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   run_dir/data.json."""
   tc = cfg.train
   _check_train_config(tc)
+  _check_resumable(cfg)
   os.makedirs(tc.run_dir, exist_ok=True)
-  _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
-  _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
+    _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
   trainer = Trainer(cfg, train_iter, eval_batches)
   state, start = trainer.restore_or_init()
   log = RunLog(tc.run_dir, start_step=start, total_steps=tc.steps)
@@ -231,7 +249,8 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
     trainer.ckpt.close()
     log.close()
   summary = trainer.summary(final, log)
-  _write_json(os.path.join(tc.run_dir, "summary.json"), summary)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(tc.run_dir, "summary.json"), summary)
   return summary
 
 
