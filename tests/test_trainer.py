@@ -163,10 +163,11 @@ def test_bf16_compute_keeps_fp32_master_weights_and_loss():
   assert abs(float(m["loss"]) - ref_loss) < 0.02 * ref_loss
 
 
-def test_batch_shape_errors():
-  cfg = tiny_config("unused", batch_size=6, grad_accum=4)
+def test_batch_shape_errors(tmp_path):
+  cfg = tiny_config(str(tmp_path / "run"), batch_size=6, grad_accum=4)
   with pytest.raises(ValueError, match="grad_accum=4 must be >= 1 and divide batch_size=6"):
     train(cfg, ToyIter(6), eval_batches(6), data_info=TOY)
+  assert not os.path.exists(tmp_path / "run")  # refused before writing anything
 
 
 # -- the run -----------------------------------------------------------------

@@ -76,7 +76,7 @@ class Trainer:
   def __init__(self, cfg: Config, train_iter, eval_batches):
     self.cfg, self.tc = cfg, cfg.train
     self.setup: Setup = build(cfg)
-    check_batch_shape(self.setup, self.tc.batch_size)
+    check_batch_shape(self.setup, self.tc.batch_size)  # before anything is written
     self.train_iter = train_iter
     self.eval_batches = evaluation.put_batches(eval_batches, self.setup)
     self.ckpt = Checkpointer(os.path.join(self.tc.run_dir, "checkpoints"),
@@ -231,11 +231,10 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   tc = cfg.train
   _check_train_config(tc)
   _check_resumable(cfg)
-  os.makedirs(tc.run_dir, exist_ok=True)
+  trainer = Trainer(cfg, train_iter, eval_batches)  # checks shapes, makes run_dir
   if jax.process_index() == 0:
     _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
     _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
-  trainer = Trainer(cfg, train_iter, eval_batches)
   state, start = trainer.restore_or_init()
   log = RunLog(tc.run_dir, start_step=start, total_steps=tc.steps)
   try:
