@@ -89,3 +89,6 @@ class SwiGLU(Stateless):
 
   def forward(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+from layers.channel import rwkv as _rwkv  # noqa: E402,F401  (registers rwkv4_channel)

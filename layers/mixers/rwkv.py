@@ -1,0 +1,244 @@
+"""RWKV time mixing: RWKV-4 (per-channel WKV) and RWKV-6 "Finch"
+(data-dependent decay, matrix state per head).
+
+Both keep a constant decode state: the last token (for the token shift)
+plus the WKV state, which the kernels in `layers.kernels.wkv` keep in fp32.
+Packed rows are not supported: a segment reset inside the WKV kernels is
+not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from layers.channel.rwkv import mix, ramp_init, token_shift
+from layers.kernels import Op
+from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV6, WKV4State, wkv6_flops
+from layers.mixers import register
+from layers.mixers.base import Mixer, MixerInfo
+from layers.params import Dense, param
+
+# Channel ramps of the reference inits take a layer-depth ratio; a mixer
+# does not know its depth, so it takes the middle of the stack.
+DEPTH = 0.5
+
+
+def channel_ramp(n: int) -> jax.Array:
+  """i / (n - 1) for i < n (0 when n == 1)."""
+  return jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
+
+
+def check_kernel(op: Op, kernel: str) -> None:
+  if kernel != "auto" and kernel not in op.names():
+    raise ValueError(f"unknown {op.name} kernel {kernel!r}; choose 'auto' or "
+                     f"one of {op.names()}")
+
+
+def head_group_norm(y_BxLxHxK, scale_HxK, bias_HxK, eps):
+  """GroupNorm with one group per head (RWKV-5/6's ln_x), fp32 statistics."""
+  mu = y_BxLxHxK.mean(-1, keepdims=True)
+  var = jnp.square(y_BxLxHxK - mu).mean(-1, keepdims=True)
+  return (y_BxLxHxK - mu) * jax.lax.rsqrt(var + eps) * scale_HxK + bias_HxK
+
+
+@struct.dataclass
+class RWKV4Cache:
+  """shift: last token [B, d_model]; wkv: (num, den, max) [B, d_model] fp32."""
+  shift: jax.Array
+  wkv: WKV4State
+
+
+@register("rwkv4")
+class RWKV4(Mixer):
+  """RWKV-4 time mixing (Peng et al., 2023, "RWKV: Reinventing RNNs for the
+  Transformer Era", arXiv:2305.13048).
+
+  Token shift: k, v, r are projections of lerp(x_{t-1}, x_t, mu_{k,v,r}).
+  WKV with per-channel decay w = -exp(time_decay) and bonus u = time_first:
+
+    wkv_t = (sum_{i<t} e^{(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+          / (sum_{i<t} e^{(t-1-i) w + k_i}     + e^{u + k_t})
+    y_t   = W_o (sigmoid(r_t) * wkv_t)
+
+  Cost: training O(L d) time with the recurrent form, O(L T d) with the
+  chunked one (chunks of T tokens); decode O(d) per token with a constant
+  state of 4 d values (last token, num, den, max; WKV in fp32).
+
+  Options: kernel: "auto" or one of `layers.kernels.wkv.WKV4.names()`.
+  """
+
+  info = MixerInfo(family="rnn", paper="Peng et al. 2023, arXiv:2305.13048",
+                   train_cost="linear", decode_state="constant",
+                   supports_segments=False)
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, kernel: str = "auto"):
+    check_kernel(WKV4, kernel)
+    self.kernel = kernel
+    ramp = channel_ramp(d_model)
+    self.time_decay = param(rngs, -5 + 8 * ramp ** (0.7 + 1.3 * DEPTH),
+                            (d_model,), ("embed",))
+    zigzag = 0.5 * ((jnp.arange(d_model) + 1) % 3 - 1)
+    self.time_first = param(rngs, math.log(0.3) + zigzag, (d_model,), ("embed",))
+    self.mu_k = param(rngs, ramp_init(1 - DEPTH), (d_model,), ("embed",))
+    self.mu_v = param(rngs, ramp_init(1 - DEPTH, 0.3 * DEPTH), (d_model,), ("embed",))
+    self.mu_r = param(rngs, ramp_init(0.5 * (1 - DEPTH)), (d_model,), ("embed",))
+    proj = lambda: Dense(d_model, d_model, in_axes=("embed",),
+                         out_axes=("embed",), rngs=rngs)
+    self.key, self.value, self.receptance, self.output = (
+        proj(), proj(), proj(), proj())
+
+  def __call__(self, x, *, cache: RWKV4Cache | None = None, segment_ids=None):
+    self.check_call(x, cache, segment_ids)
+    prev = token_shift(x, None if cache is None else cache.shift)
+    k = self.key(mix(x, prev, self.mu_k[...]))
+    v = self.value(mix(x, prev, self.mu_v[...]))
+    r = jax.nn.sigmoid(self.receptance(mix(x, prev, self.mu_r[...])))
+    state = WKV4State.zeros(x.shape[0], x.shape[2]) if cache is None else cache.wkv
+    impl = WKV4.choose(self.kernel, dtype=x.dtype)
+    wkv, state = impl.fn(-jnp.exp(self.time_decay[...]), self.time_first[...],
+                         k, v, state)
+    y = self.output(r * wkv.astype(x.dtype))
+    if cache is None:
+      return y
+    return y, RWKV4Cache(x[:, -1].astype(cache.shift.dtype), state)
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    d = self.time_decay.shape[0]
+    return RWKV4Cache(jnp.zeros((batch_size, d), dtype),
+                      WKV4State.zeros(batch_size, d))
+
+  def flops_per_token(self, seq_len):
+    d = self.time_decay.shape[0]
+    impl = WKV4.choose(self.kernel)
+    return 4 * 2.0 * d * d + WKV4_FLOPS[impl.name] * d
+
+
+@struct.dataclass
+class RWKV6Cache:
+  """shift: last token [B, d_model]; wkv: state [B, H, K, K] fp32."""
+  shift: jax.Array
+  wkv: jax.Array
+
+
+# Order of the five data-dependent token shifts (ddlerp) of RWKV-6.
+SHIFTS = ("w", "k", "v", "r", "g")
+
+
+@register("rwkv6")
+class RWKV6(Mixer):
+  """RWKV-6 "Finch" time mixing (Peng et al., 2024, "Eagle and Finch: RWKV
+  with Matrix-Valued States and Dynamic Recurrence", arXiv:2404.05892).
+
+  Data-dependent token shift (ddlerp, one low-rank LoRA shared by five
+  outputs): m = tanh(lerp(x_{t-1}, x_t, mu_x) A) B_s, x_s = lerp(x_{t-1},
+  x_t, mu_s + m_s) for s in w, k, v, r, g. Data-dependent decay
+  w_t = exp(-exp(d + tanh(x_w D1) D2)) per key channel. Per head (size K),
+  a matrix state:
+
+    y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(w_t) S_{t-1} + k_t v_t^T
+    out = W_o (GroupNorm_heads(y) * silu(W_g x_g))
+
+  Cost: training O(L T d) time with the chunked form (chunks of T tokens),
+  O(L d K) with the recurrent one; decode O(d K) per token with a constant
+  state of d K + d values (WKV state in fp32, decays summed in fp32).
+
+  Options: head_dim (K; the paper uses 64), mix_rank / decay_rank (LoRA
+  ranks, paper 32 / 64), kernel: "auto" or one of
+  `layers.kernels.wkv.WKV6.names()`.
+  """
+
+  info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
+                   train_cost="linear", decode_state="constant",
+                   supports_segments=False)
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 16,
+               mix_rank: int = 32, decay_rank: int = 64, kernel: str = "auto"):
+    if head_dim < 1 or d_model % head_dim:
+      raise ValueError(f"rwkv6: d_model={d_model} must be a positive multiple "
+                       f"of head_dim={head_dim}")
+    if mix_rank < 1 or decay_rank < 1:
+      raise ValueError(f"rwkv6: mix_rank={mix_rank} and decay_rank="
+                       f"{decay_rank} must be >= 1")
+    check_kernel(WKV6, kernel)
+    self.kernel = kernel
+    H, K = d_model // head_dim, head_dim
+    self.num_heads, self.head_dim = H, K
+    ramp = channel_ramp(d_model)
+    # mu_s per shift (reference init: 1 - maa_s, since lerp runs the other way).
+    powers = {"w": 1 - DEPTH, "k": 1 - DEPTH, "v": 1 - DEPTH,
+              "r": 0.5 * (1 - DEPTH), "g": 0.5 * (1 - DEPTH)}
+    mu = jnp.stack([ramp_init(powers[s], 0.3 * DEPTH if s == "v" else 0.0)(
+        None, (d_model,), jnp.float32) for s in SHIFTS])
+    self.mu_x = param(rngs, ramp_init(1 - DEPTH), (d_model,), ("embed",))
+    self.mu = param(rngs, mu, (len(SHIFTS), d_model), (None, "embed"))
+    # Small random LoRA factors (the reference zero-inits one side; random
+    # keeps every gradient non-zero from the first step).
+    small = lambda s: lambda key, shape, dtype: jax.random.uniform(
+        key, shape, dtype, -s, s)
+    self.mix_a = param(rngs, small(1e-2), (d_model, len(SHIFTS), mix_rank),
+                       ("embed", None, None))
+    self.mix_b = param(rngs, small(1e-2), (len(SHIFTS), mix_rank, d_model),
+                       (None, None, "embed"))
+    self.decay = param(rngs, (-6 + 5 * ramp ** (0.7 + 1.3 * DEPTH)).reshape(H, K),
+                       (H, K), ("heads", "head_dim"))
+    self.decay_a = param(rngs, small(1e-2), (d_model, decay_rank), ("embed", None))
+    self.decay_b = param(rngs, small(1e-2), (decay_rank, H, K),
+                         (None, "heads", "head_dim"))
+    zigzag = 0.1 * ((jnp.arange(d_model) + 1) % 3 - 1)
+    self.bonus = param(rngs, (DEPTH * (1 - ramp) + zigzag).reshape(H, K), (H, K),
+                       ("heads", "head_dim"))
+    proj = lambda: Dense(d_model, (H, K), in_axes=("embed",),
+                         out_axes=("heads", "head_dim"), rngs=rngs)
+    self.receptance, self.key, self.value, self.gate = proj(), proj(), proj(), proj()
+    self.output = Dense((H, K), d_model, in_axes=("heads", "head_dim"),
+                        out_axes=("embed",), rngs=rngs)
+    self.norm_scale = param(rngs, jnp.ones((H, K)), (H, K), ("heads", "head_dim"))
+    self.norm_bias = param(rngs, jnp.zeros((H, K)), (H, K), ("heads", "head_dim"))
+    # The reference's GroupNorm eps, 1e-5 * head_size_divisor^2 with divisor 8.
+    self.norm_eps = 64e-5
+
+  def ddlerp(self, x, prev):
+    """The five data-dependently shifted inputs, [B, L, 5, D]."""
+    lo = jnp.tanh(jnp.einsum("bld,dsr->blsr", mix(x, prev, self.mu_x[...]),
+                             self.mix_a[...].astype(x.dtype)))
+    m = jnp.einsum("blsr,srd->blsd", lo, self.mix_b[...].astype(x.dtype))
+    return mix(x[:, :, None], prev[:, :, None], self.mu[...] + m)
+
+  def log_decay(self, x_w):
+    """log w_t = -exp(d + tanh(x_w D1) D2) in fp32, [B, L, H, K]."""
+    lo = jnp.tanh(x_w.astype(jnp.float32) @ self.decay_a[...])
+    return -jnp.exp(self.decay[...] + jnp.einsum("blr,rhk->blhk", lo,
+                                                 self.decay_b[...]))
+
+  def __call__(self, x, *, cache: RWKV6Cache | None = None, segment_ids=None):
+    self.check_call(x, cache, segment_ids)
+    B = x.shape[0]
+    prev = token_shift(x, None if cache is None else cache.shift)
+    x_w, x_k, x_v, x_r, x_g = (self.ddlerp(x, prev)[:, :, i]
+                               for i in range(len(SHIFTS)))
+    S = (jnp.zeros((B, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
+         if cache is None else cache.wkv)
+    impl = WKV6.choose(self.kernel, dtype=x.dtype)
+    y, S = impl.fn(self.receptance(x_r), self.key(x_k), self.value(x_v),
+                   self.log_decay(x_w), self.bonus[...], S)
+    y = head_group_norm(y, self.norm_scale[...], self.norm_bias[...], self.norm_eps)
+    out = self.output(y.astype(x.dtype) * jax.nn.silu(self.gate(x_g)))
+    if cache is None:
+      return out
+    return out, RWKV6Cache(x[:, -1].astype(cache.shift.dtype), S)
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    H, K = self.num_heads, self.head_dim
+    return RWKV6Cache(jnp.zeros((batch_size, H * K), dtype),
+                      jnp.zeros((batch_size, H, K, K), jnp.float32))
+
+  def flops_per_token(self, seq_len):
+    d = self.num_heads * self.head_dim
+    lora = self.mix_a.size + self.mix_b.size + self.decay_a.size + self.decay_b.size
+    impl = WKV6.choose(self.kernel)
+    return (5 * 2.0 * d * d + 2.0 * lora
+            + self.num_heads * wkv6_flops(impl.name, self.head_dim))

@@ -1,0 +1,206 @@
+"""RWKV-4 / RWKV-6: WKV kernel forms agree with each other and with the
+papers' equations written naively (float64 numpy), mixers and the channel
+mix against naive token-by-token references, and option errors."""
+
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from layers import channel, mixers
+from layers.kernels.wkv import WKV4State, wkv4_chunked, wkv4_recurrent, wkv6_chunked, wkv6_recurrent
+
+B, L, D = 2, 11, 32  # D as in the contract suite, so inits compile once
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def naive_wkv4(w, u, k, v, num0=None, den0=None):
+  """The RWKV-4 equation with sums over the past, float64, plus an optional
+  earlier state (num0/den0 = unscaled sums before the first token)."""
+  Bn, Ln, C = k.shape
+  num0 = np.zeros((Bn, C)) if num0 is None else num0
+  den0 = np.zeros((Bn, C)) if den0 is None else den0
+  y = np.zeros_like(k)
+  for t in range(Ln):
+    num = np.exp(t * w) * num0 + np.exp(u + k[:, t]) * v[:, t]
+    den = np.exp(t * w) * den0 + np.exp(u + k[:, t])
+    for i in range(t):
+      num += np.exp((t - 1 - i) * w + k[:, i]) * v[:, i]
+      den += np.exp((t - 1 - i) * w + k[:, i])
+    y[:, t] = num / den
+  return y
+
+
+def naive_wkv6(r, k, v, logw, u, S):
+  y = np.zeros(v.shape)
+  for t in range(r.shape[1]):
+    kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+    y[:, t] = np.einsum("bhk,bhkv->bhv", r[:, t], S + u[..., None] * kv)
+    S = np.exp(logw[:, t])[..., None] * S + kv
+  return y, S
+
+
+FORMS4 = {"recurrent": jax.jit(wkv4_recurrent),
+          **{f"chunk{c}": jax.jit(functools.partial(wkv4_chunked, chunk_size=c))
+             for c in (4, 64)}}
+FORMS6 = {"recurrent": jax.jit(wkv6_recurrent),
+          **{f"chunk{c}": jax.jit(functools.partial(wkv6_chunked, chunk_size=c))
+             for c in (4, 64)}}
+
+
+def test_wkv4_forms_match_equation_with_state_and_large_keys():
+  rng = np.random.default_rng(0)
+  C = 5
+  w = -np.exp(rng.standard_normal(C))
+  u = rng.standard_normal(C)
+  k = rng.standard_normal((B, L, C)) * 3
+  k[0, 3] = 60.0  # e^60 overflows a naive fp32 sum; the max tracking must not
+  v = rng.standard_normal((B, L, C))
+  num0, den0 = rng.standard_normal((B, C)), np.exp(rng.standard_normal((B, C)))
+  ref = naive_wkv4(w, u, k, v, num0, den0)
+  decay = np.exp((L - 1 - np.arange(L))[:, None] * w + k)  # [B, L, C]
+  end = (np.exp(L * w) * num0 + (decay * v).sum(1), np.exp(L * w) * den0 + decay.sum(1))
+  args = [jnp.asarray(a, jnp.float32) for a in (w, u, k, v)]
+  scale = np.full((B, C), 3.0)  # the same sums, stored scaled by e^{-max}
+  s0 = WKV4State(*(jnp.asarray(a, jnp.float32) for a in
+                   (num0 * np.exp(-scale), den0 * np.exp(-scale), scale)))
+  for name, fn in FORMS4.items():
+    y, s = fn(*args, s0)
+    assert rel(y, ref) < 1e-5, name
+    scale = np.exp(np.asarray(s.max, np.float64))
+    assert rel(np.asarray(s.num) * scale, end[0]) < 1e-5, name
+    assert rel(np.asarray(s.den) * scale, end[1]) < 1e-5, name
+
+
+def test_wkv6_forms_match_equation_with_state_and_strong_decay():
+  rng = np.random.default_rng(1)
+  H, K, V = 2, 3, 4
+  r, k = rng.standard_normal((2, B, L, H, K))
+  v = rng.standard_normal((B, L, H, V))
+  logw = -np.exp(rng.standard_normal((B, L, H, K)))
+  logw[:, 5:9] = -40.0  # e^{+160}: a factorized chunk would overflow
+  u = rng.standard_normal((H, K))
+  S0 = rng.standard_normal((B, H, K, V))
+  ref, S_ref = naive_wkv6(r, k, v, logw, u, S0)
+  args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0)]
+  for name, fn in FORMS6.items():
+    y, S = fn(*args)
+    assert rel(y, ref) < 1e-5 and rel(S, S_ref) < 1e-5, name
+
+
+run = nnx.jit(lambda m, x: m(x))
+
+
+def assert_forms_match(m, x, ref):
+  for kernel in ("recurrent", "chunked"):
+    m.kernel = kernel
+    assert rel(run(m, jnp.asarray(x, jnp.float32)), ref) < 1e-5, kernel
+
+
+def params(module):
+  return jax.tree.map(lambda p: np.asarray(p, np.float64),
+                      nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+
+
+def inputs(seed, shape=(B, L, D)):
+  return np.random.default_rng(seed).standard_normal(shape)
+
+
+def shifted(x):
+  return np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+
+def sigmoid(z):
+  return 1 / (1 + np.exp(-z))
+
+
+def lerp(x, prev, mu):
+  return prev + (x - prev) * mu
+
+
+def test_rwkv4_mixer_matches_paper_equations_in_both_forms():
+  m = mixers.build("rwkv4", D, rngs=nnx.Rngs(0))
+  p = params(m)
+  x = inputs(1)
+  prev = shifted(x)
+  k = lerp(x, prev, p["mu_k"]) @ p["key"]["kernel"]
+  v = lerp(x, prev, p["mu_v"]) @ p["value"]["kernel"]
+  r = sigmoid(lerp(x, prev, p["mu_r"]) @ p["receptance"]["kernel"])
+  wkv = naive_wkv4(-np.exp(p["time_decay"]), p["time_first"], k, v)
+  ref = (r * wkv) @ p["output"]["kernel"]
+  assert_forms_match(m, x, ref)
+
+
+def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
+  m = mixers.build("rwkv6", D, rngs=nnx.Rngs(0))
+  p = params(m)
+  # Scale the LoRAs up so that the data-dependent parts matter.
+  for name in ("mix_a", "mix_b", "decay_a", "decay_b"):
+    p[name] = p[name] * 50
+  nnx.update(m, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p))
+  x = inputs(2)
+  prev = shifted(x)
+  lo = np.tanh(np.einsum("bld,dsr->blsr", lerp(x, prev, p["mu_x"]), p["mix_a"]))
+  mu = p["mu"] + np.einsum("blsr,srd->blsd", lo, p["mix_b"])
+  xw, xk, xv, xr, xg = (lerp(x, prev, mu[:, :, i]) for i in range(5))
+  proj = lambda z, name: np.einsum("bld,dhk->blhk", z, p[name]["kernel"])
+  logw = -np.exp(p["decay"] + np.einsum("blr,rhk->blhk", np.tanh(xw @ p["decay_a"]),
+                                        p["decay_b"]))
+  H, K = p["decay"].shape
+  y, _ = naive_wkv6(proj(xr, "receptance"), proj(xk, "key"), proj(xv, "value"),
+                    logw, p["bonus"], np.zeros((B, H, K, K)))
+  y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 64e-5)
+  y = y * p["norm_scale"] + p["norm_bias"]
+  g = proj(xg, "gate")
+  ref = np.einsum("blhk,hkd->bld", y * g * sigmoid(g), p["output"]["kernel"])
+  assert_forms_match(m, x, ref)
+
+
+def test_rwkv_channel_matches_equation_and_decodes_with_segments():
+  cm = channel.build("rwkv4_channel", D, rngs=nnx.Rngs(0))
+  p = params(cm)
+  x = inputs(3)
+  seg = np.array([[0] * 4 + [1] * (L - 4), [2] * L])
+
+  def ref(x):
+    prev = shifted(x)
+    k = np.square(np.maximum(lerp(x, prev, p["mu_k"]) @ p["key"]["kernel"], 0))
+    r = sigmoid(lerp(x, prev, p["mu_r"]) @ p["receptance"]["kernel"])
+    return r * (k @ p["value"]["kernel"])
+
+  xj = jnp.asarray(x, jnp.float32)
+  assert rel(cm(xj), ref(x)) < 1e-5
+  cache = cm.init_cache(B, L)
+  pieces = []
+  for a, b in ((0, 3), (3, 4), (4, L)):
+    y, cache = cm(xj[:, a:b], cache=cache)
+    pieces.append(y)
+  assert rel(jnp.concatenate(pieces, 1), ref(x)) < 1e-5
+  packed = cm(xj, segment_ids=jnp.asarray(seg))
+  assert rel(packed[0, 4:], ref(x[:1, 4:])[0]) < 1e-5
+  assert rel(packed[1], ref(x[1:])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("rwkv4", {"kernel": "cuda"}, "unknown wkv4 kernel"),
+    ("rwkv6", {"kernel": "fused"}, "unknown wkv6 kernel"),
+    ("rwkv6", {"head_dim": 5}, "multiple of head_dim"),
+    ("rwkv6", {"head_dim": 0}, "multiple of head_dim"),
+    ("rwkv6", {"mix_rank": 0}, "mix_rank"),
+])
+def test_bad_options(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    mixers.build(name, D, rngs=nnx.Rngs(0), **options)
+
+
+def test_chunk_size_must_be_positive():
+  z = jnp.zeros((1, 3, 2))
+  with pytest.raises(ValueError, match="chunk_size"):
+    wkv4_chunked(z[0, 0], z[0, 0], z, z, WKV4State.zeros(1, 2), chunk_size=0)
