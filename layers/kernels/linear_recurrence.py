@@ -49,6 +49,11 @@ def sequential(a_BxLxC, b_BxLxC, h0_BxC):
   return jnp.swapaxes(h, 0, 1), last
 
 
+# Forward FLOPs per channel per token: a sequential step is one multiply-add;
+# the associative scan's up and down sweeps do about twice its combines,
+# each three operations.
+RECURRENCE_FLOPS = {"associative": 6, "sequential": 2}
+
 LINEAR_RECURRENCE = Op(
     "linear_recurrence",
     impls={"associative": Impl("associative", associative),
