@@ -14,13 +14,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from arches.hf_recurrentgemma import config_from_hf, from_hf  # noqa: E402
+from mixer_contract import rel_err  # noqa: E402
 
 VOCAB, L = 64, 12
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def hf_config(**kw):
@@ -46,7 +42,7 @@ def test_logits_match_full_sequence(models):
   with torch.no_grad():
     ref = hf(torch.tensor(tokens), use_cache=False).logits.numpy()
   got = nnx.jit(lambda m, t: m(t))(ours, jnp.asarray(tokens, jnp.int32))
-  assert rel(got, ref) <= 1e-4
+  assert rel_err(got, ref) <= 1e-4
 
 
 def test_decoding_matches_step_by_step(models):
@@ -72,7 +68,7 @@ def test_decoding_matches_step_by_step(models):
   for a, b in [(0, prompt)] + [(t, t + 1) for t in range(prompt, L)]:
     logits, cache = step(ours, jnp.asarray(tokens[:, a:b], jnp.int32), cache)
     got.append(logits)
-  assert rel(np.concatenate(got, 1), np.concatenate(ref, 1)) <= 1e-4
+  assert rel_err(np.concatenate(got, 1), np.concatenate(ref, 1)) <= 1e-4
 
 
 def test_refuses_attention_blocks():

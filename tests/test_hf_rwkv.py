@@ -12,13 +12,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from arches.hf_rwkv import from_hf  # noqa: E402
+from mixer_contract import rel_err  # noqa: E402
 
 VOCAB, L = 64, 12
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def test_logits_match_full_sequence(models):
   with torch.no_grad():
     ref = hf(torch.tensor(tokens)).logits.numpy()
   got = nnx.jit(lambda m, t: m(t))(ours, jnp.asarray(tokens, jnp.int32))
-  assert rel(got, ref) <= 1e-4
+  assert rel_err(got, ref) <= 1e-4
 
 
 def test_decoding_matches_step_by_step(models):
@@ -63,7 +59,7 @@ def test_decoding_matches_step_by_step(models):
   for t in range(prompt, L):
     logits, cache = step(ours, jnp.asarray(tokens[:, t:t + 1], jnp.int32), cache)
     got.append(logits)
-  assert rel(np.concatenate(got, 1), np.concatenate(ref, 1)) <= 1e-4
+  assert rel_err(np.concatenate(got, 1), np.concatenate(ref, 1)) <= 1e-4
 
 
 def test_refuses_rescaled_weights(models):

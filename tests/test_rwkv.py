@@ -11,14 +11,11 @@ import pytest
 from flax import nnx
 
 from layers import channel, mixers
-from layers.kernels.wkv import WKV4State, wkv4_chunked, wkv4_recurrent, wkv6_chunked, wkv6_recurrent
+from layers.kernels.wkv import (WKV4State, wkv4_chunked, wkv4_recurrent,
+                                wkv6_chunked, wkv6_recurrent)
+from mixer_contract import rel_err
 
 B, L, D = 2, 11, 32  # D as in the contract suite, so inits compile once
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def naive_wkv4(w, u, k, v, num0=None, den0=None):
@@ -73,10 +70,10 @@ def test_wkv4_forms_match_equation_with_state_and_large_keys():
                    (num0 * np.exp(-scale), den0 * np.exp(-scale), scale)))
   for name, fn in FORMS4.items():
     y, s = fn(*args, s0)
-    assert rel(y, ref) < 1e-5, name
+    assert rel_err(y, ref) < 1e-5, name
     scale = np.exp(np.asarray(s.max, np.float64))
-    assert rel(np.asarray(s.num) * scale, end[0]) < 1e-5, name
-    assert rel(np.asarray(s.den) * scale, end[1]) < 1e-5, name
+    assert rel_err(np.asarray(s.num) * scale, end[0]) < 1e-5, name
+    assert rel_err(np.asarray(s.den) * scale, end[1]) < 1e-5, name
 
 
 def test_wkv6_forms_match_equation_with_state_and_strong_decay():
@@ -92,7 +89,7 @@ def test_wkv6_forms_match_equation_with_state_and_strong_decay():
   args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0)]
   for name, fn in FORMS6.items():
     y, S = fn(*args)
-    assert rel(y, ref) < 1e-5 and rel(S, S_ref) < 1e-5, name
+    assert rel_err(y, ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, name
 
 
 run = nnx.jit(lambda m, x: m(x))
@@ -101,7 +98,7 @@ run = nnx.jit(lambda m, x: m(x))
 def assert_forms_match(m, x, ref):
   for kernel in ("recurrent", "chunked"):
     m.kernel = kernel
-    assert rel(run(m, jnp.asarray(x, jnp.float32)), ref) < 1e-5, kernel
+    assert rel_err(run(m, jnp.asarray(x, jnp.float32)), ref) < 1e-5, kernel
 
 
 def params(module):
@@ -176,16 +173,16 @@ def test_rwkv_channel_matches_equation_and_decodes_with_segments():
     return r * (k @ p["value"]["kernel"])
 
   xj = jnp.asarray(x, jnp.float32)
-  assert rel(cm(xj), ref(x)) < 1e-5
+  assert rel_err(cm(xj), ref(x)) < 1e-5
   cache = cm.init_cache(B, L)
   pieces = []
   for a, b in ((0, 3), (3, 4), (4, L)):
     y, cache = cm(xj[:, a:b], cache=cache)
     pieces.append(y)
-  assert rel(jnp.concatenate(pieces, 1), ref(x)) < 1e-5
+  assert rel_err(jnp.concatenate(pieces, 1), ref(x)) < 1e-5
   packed = cm(xj, segment_ids=jnp.asarray(seg))
-  assert rel(packed[0, 4:], ref(x[:1, 4:])[0]) < 1e-5
-  assert rel(packed[1], ref(x[1:])[0]) < 1e-5
+  assert rel_err(packed[0, 4:], ref(x[:1, 4:])[0]) < 1e-5
+  assert rel_err(packed[1], ref(x[1:])[0]) < 1e-5
 
 
 @pytest.mark.parametrize("name,options,match", [
