@@ -18,26 +18,39 @@ from mixer_contract import rel_err
 B, L, D = 2, 11, 32  # D as in the contract suite, so inits compile once
 
 
-def naive_wkv4(w, u, k, v, num0=None, den0=None):
-  """The RWKV-4 equation with sums over the past, float64, plus an optional
-  earlier state (num0/den0 = unscaled sums before the first token)."""
-  Bn, Ln, C = k.shape
-  num0 = np.zeros((Bn, C)) if num0 is None else num0
-  den0 = np.zeros((Bn, C)) if den0 is None else den0
+# Sequence starts inside the rows (packed segments): row 0 at t=3 and at
+# t=8 (a chunk boundary for chunk size 4), row 1 at t=5.
+RESET = np.zeros((B, L), bool)
+RESET[0, [3, 8]] = RESET[1, 5] = True
+SEG = np.cumsum(RESET, axis=1)  # 0: still sees the initial state
+
+
+def naive_wkv4(w, u, k, v, num0=0.0, den0=0.0, seg=None):
+  """The RWKV-4 equation as sums over the past of the same segment,
+  float64; num0/den0 are unscaled sums before the first token. Returns the
+  outputs and the unscaled sums after the last token."""
+  n = k.shape[1]
+  seg = np.zeros(k.shape[:2], int) if seg is None else seg
+
+  def past(t):  # sums over i < t in the segment of token t (the last, at n)
+    s_t = seg[:, min(t, n - 1), None]
+    e = np.exp((t - 1 - np.arange(t))[:, None] * w + k[:, :t])
+    e = e * (seg[:, :t] == s_t)[..., None]
+    live = (s_t == 0) * np.exp(t * w)  # the initial state, decayed t steps
+    return live * num0 + (e * v[:, :t]).sum(1), live * den0 + e.sum(1)
+
   y = np.zeros_like(k)
-  for t in range(Ln):
-    num = np.exp(t * w) * num0 + np.exp(u + k[:, t]) * v[:, t]
-    den = np.exp(t * w) * den0 + np.exp(u + k[:, t])
-    for i in range(t):
-      num += np.exp((t - 1 - i) * w + k[:, i]) * v[:, i]
-      den += np.exp((t - 1 - i) * w + k[:, i])
-    y[:, t] = num / den
-  return y
+  for t in range(n):
+    num, den = past(t)
+    bonus = np.exp(u + k[:, t])
+    y[:, t] = (num + bonus * v[:, t]) / (den + bonus)
+  return y, past(n)
 
 
-def naive_wkv6(r, k, v, logw, u, S):
+def naive_wkv6(r, k, v, logw, u, S, reset=RESET):
   y = np.zeros(v.shape)
   for t in range(r.shape[1]):
+    S = np.where(reset[:, t, None, None, None], 0.0, S)
     kv = k[:, t, :, :, None] * v[:, t, :, None, :]
     y[:, t] = np.einsum("bhk,bhkv->bhv", r[:, t], S + u[..., None] * kv)
     S = np.exp(logw[:, t])[..., None] * S + kv
@@ -52,31 +65,29 @@ FORMS6 = {"recurrent": jax.jit(wkv6_recurrent),
              for c in (4, 64)}}
 
 
-def test_wkv4_forms_match_equation_with_state_and_large_keys():
+def test_wkv4_forms_match_equation_with_state_resets_and_large_keys():
   rng = np.random.default_rng(0)
   C = 5
   w = -np.exp(rng.standard_normal(C))
   u = rng.standard_normal(C)
   k = rng.standard_normal((B, L, C)) * 3
-  k[0, 3] = 60.0  # e^60 overflows a naive fp32 sum; the max tracking must not
+  k[0, 4] = k[1, 2] = 60.0  # e^60 overflows a naive fp32 sum; max tracking must not
   v = rng.standard_normal((B, L, C))
   num0, den0 = rng.standard_normal((B, C)), np.exp(rng.standard_normal((B, C)))
-  ref = naive_wkv4(w, u, k, v, num0, den0)
-  decay = np.exp((L - 1 - np.arange(L))[:, None] * w + k)  # [B, L, C]
-  end = (np.exp(L * w) * num0 + (decay * v).sum(1), np.exp(L * w) * den0 + decay.sum(1))
+  ref, end = naive_wkv4(w, u, k, v, num0, den0, SEG)
   args = [jnp.asarray(a, jnp.float32) for a in (w, u, k, v)]
   scale = np.full((B, C), 3.0)  # the same sums, stored scaled by e^{-max}
   s0 = WKV4State(*(jnp.asarray(a, jnp.float32) for a in
                    (num0 * np.exp(-scale), den0 * np.exp(-scale), scale)))
   for name, fn in FORMS4.items():
-    y, s = fn(*args, s0)
+    y, s = fn(*args, s0, jnp.asarray(RESET))
     assert rel_err(y, ref) < 1e-5, name
     scale = np.exp(np.asarray(s.max, np.float64))
     assert rel_err(np.asarray(s.num) * scale, end[0]) < 1e-5, name
     assert rel_err(np.asarray(s.den) * scale, end[1]) < 1e-5, name
 
 
-def test_wkv6_forms_match_equation_with_state_and_strong_decay():
+def test_wkv6_forms_match_equation_with_state_resets_and_strong_decay():
   rng = np.random.default_rng(1)
   H, K, V = 2, 3, 4
   r, k = rng.standard_normal((2, B, L, H, K))
@@ -86,7 +97,7 @@ def test_wkv6_forms_match_equation_with_state_and_strong_decay():
   u = rng.standard_normal((H, K))
   S0 = rng.standard_normal((B, H, K, V))
   ref, S_ref = naive_wkv6(r, k, v, logw, u, S0)
-  args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0)]
+  args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0, RESET)]
   for name, fn in FORMS6.items():
     y, S = fn(*args)
     assert rel_err(y, ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, name
@@ -130,7 +141,7 @@ def test_rwkv4_mixer_matches_paper_equations_in_both_forms():
   k = lerp(x, prev, p["mu_k"]) @ p["key"]["kernel"]
   v = lerp(x, prev, p["mu_v"]) @ p["value"]["kernel"]
   r = sigmoid(lerp(x, prev, p["mu_r"]) @ p["receptance"]["kernel"])
-  wkv = naive_wkv4(-np.exp(p["time_decay"]), p["time_first"], k, v)
+  wkv, _ = naive_wkv4(-np.exp(p["time_decay"]), p["time_first"], k, v)
   ref = (r * wkv) @ p["output"]["kernel"]
   assert_forms_match(m, x, ref)
 
@@ -152,7 +163,7 @@ def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
                                         p["decay_b"]))
   H, K = p["decay"].shape
   y, _ = naive_wkv6(proj(xr, "receptance"), proj(xk, "key"), proj(xv, "value"),
-                    logw, p["bonus"], np.zeros((B, H, K, K)))
+                    logw, p["bonus"], np.zeros((B, H, K, K)), np.zeros((B, L), bool))
   y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 64e-5)
   y = y * p["norm_scale"] + p["norm_bias"]
   g = proj(xg, "gate")
@@ -200,4 +211,5 @@ def test_bad_options(name, options, match):
 def test_chunk_size_must_be_positive():
   z = jnp.zeros((1, 3, 2))
   with pytest.raises(ValueError, match="chunk_size"):
-    wkv4_chunked(z[0, 0], z[0, 0], z, z, WKV4State.zeros(1, 2), chunk_size=0)
+    wkv4_chunked(z[0, 0], z[0, 0], z, z, WKV4State.zeros(1, 2),
+                 jnp.zeros((1, 3), bool), chunk_size=0)

@@ -10,6 +10,7 @@ from flax import nnx, struct
 
 from layers.channel import _hidden, register
 from layers.params import Dense, param
+from layers.positions import segment_positions
 
 
 @struct.dataclass
@@ -27,9 +28,16 @@ def token_shift(x_BxLxD: jax.Array, last_BxD: jax.Array | None = None,
   prev = jnp.concatenate([first, x_BxLxD[:, :-1]], axis=1)
   if segment_ids is None:
     return prev
-  same = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
-                          segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)
-  return jnp.where(same[..., None], prev, 0).astype(x_BxLxD.dtype)
+  return jnp.where(segment_starts(x_BxLxD, segment_ids)[..., None], 0, prev
+                   ).astype(x_BxLxD.dtype)
+
+
+def segment_starts(x_BxLxD, segment_ids):
+  """[B, L] bool, True at the first token of every segment (the row's
+  first included); all False without segment_ids."""
+  if segment_ids is None:
+    return jnp.zeros(x_BxLxD.shape[:2], bool)
+  return segment_positions(segment_ids) == 0
 
 
 def mix(x, prev, mu):

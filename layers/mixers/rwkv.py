@@ -3,8 +3,8 @@
 
 Both keep a constant decode state: the last token (for the token shift)
 plus the WKV state, which the kernels in `layers.kernels.wkv` keep in fp32.
-Packed rows are not supported: a segment reset inside the WKV kernels is
-not implemented.
+Packed rows (segment_ids) shift in zeros and empty the WKV state at each
+segment start.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.channel.rwkv import mix, ramp_init, token_shift
+from layers.channel.rwkv import mix, ramp_init, segment_starts, token_shift
 from layers.kernels import Op
 from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV6, WKV4State, wkv6_flops
 from layers.mixers import register
@@ -64,6 +64,9 @@ class RWKV4(Mixer):
           / (sum_{i<t} e^{(t-1-i) w + k_i}     + e^{u + k_t})
     y_t   = W_o (sigmoid(r_t) * wkv_t)
 
+  Packed rows (segment_ids): zeros shift in and the WKV state starts empty
+  at each segment start.
+
   Cost: training O(L d) time with the recurrent form, O(L T d) with the
   chunked one (chunks of T tokens); decode O(d) per token with a constant
   state of 4 d values (last token, num, den, max; WKV in fp32).
@@ -73,7 +76,7 @@ class RWKV4(Mixer):
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2023, arXiv:2305.13048",
                    train_cost="linear", decode_state="constant",
-                   supports_segments=False)
+                   supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, kernel: str = "auto"):
     check_kernel(WKV4, kernel)
@@ -93,14 +96,14 @@ class RWKV4(Mixer):
 
   def __call__(self, x, *, cache: RWKV4Cache | None = None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
-    prev = token_shift(x, None if cache is None else cache.shift)
+    prev = token_shift(x, None if cache is None else cache.shift, segment_ids)
     k = self.key(mix(x, prev, self.mu_k[...]))
     v = self.value(mix(x, prev, self.mu_v[...]))
     r = jax.nn.sigmoid(self.receptance(mix(x, prev, self.mu_r[...])))
     state = WKV4State.zeros(x.shape[0], x.shape[2]) if cache is None else cache.wkv
     impl = WKV4.choose(self.kernel, dtype=x.dtype)
     wkv, state = impl.fn(-jnp.exp(self.time_decay[...]), self.time_first[...],
-                         k, v, state)
+                         k, v, state, segment_starts(x, segment_ids))
     y = self.output(r * wkv.astype(x.dtype))
     if cache is None:
       return y
@@ -142,6 +145,9 @@ class RWKV6(Mixer):
     y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(w_t) S_{t-1} + k_t v_t^T
     out = W_o (GroupNorm_heads(y) * silu(W_g x_g))
 
+  Packed rows (segment_ids): zeros shift in and the state starts empty at
+  each segment start.
+
   Cost: training O(L T d) time with the chunked form (chunks of T tokens),
   O(L d K) with the recurrent one; decode O(d K) per token with a constant
   state of d K + d values (WKV state in fp32, decays summed in fp32).
@@ -153,7 +159,7 @@ class RWKV6(Mixer):
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
                    train_cost="linear", decode_state="constant",
-                   supports_segments=False)
+                   supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 16,
                mix_rank: int = 32, decay_rank: int = 64, kernel: str = "auto"):
@@ -217,14 +223,15 @@ class RWKV6(Mixer):
   def __call__(self, x, *, cache: RWKV6Cache | None = None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
     B = x.shape[0]
-    prev = token_shift(x, None if cache is None else cache.shift)
+    prev = token_shift(x, None if cache is None else cache.shift, segment_ids)
     x_w, x_k, x_v, x_r, x_g = (self.ddlerp(x, prev)[:, :, i]
                                for i in range(len(SHIFTS)))
     S = (jnp.zeros((B, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
          if cache is None else cache.wkv)
     impl = WKV6.choose(self.kernel, dtype=x.dtype)
     y, S = impl.fn(self.receptance(x_r), self.key(x_k), self.value(x_v),
-                   self.log_decay(x_w), self.bonus[...], S)
+                   self.log_decay(x_w), self.bonus[...], S,
+                   segment_starts(x, segment_ids))
     y = head_group_norm(y, self.norm_scale[...], self.norm_bias[...], self.norm_eps)
     out = self.output(y.astype(x.dtype) * jax.nn.silu(self.gate(x_g)))
     if cache is None:
