@@ -45,14 +45,10 @@ def mix(x, prev, mu):
   return prev + (x - prev) * mu.astype(x.dtype)
 
 
-def ramp_init(power: float, offset: float = 0.0):
-  """mu_i = (i / d)^power + offset over the last axis: the RWKV token-shift
-  init, which spreads channels from 'mostly previous token' to 'mostly
-  current'."""
-  def init(key, shape, dtype):
-    ramp = (jnp.arange(shape[-1], dtype=dtype) / shape[-1]) ** power + offset
-    return jnp.broadcast_to(ramp, shape)
-  return init
+def shift_ramp(d: int, power: float, offset: float = 0.0) -> jax.Array:
+  """mu_i = (i / d)^power + offset: the RWKV token-shift init, which
+  spreads channels from 'mostly previous token' to 'mostly current'."""
+  return (jnp.arange(d, dtype=jnp.float32) / d) ** power + offset
 
 
 @register("rwkv4_channel")
@@ -71,8 +67,8 @@ class RWKVChannel(nnx.Module):
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, hidden: int | None = None,
                mult: float = 4.0):
     h = _hidden(d_model, hidden, mult)
-    self.mu_k = param(rngs, ramp_init(0.5), (d_model,), ("embed",))
-    self.mu_r = param(rngs, ramp_init(0.5), (d_model,), ("embed",))
+    self.mu_k = param(rngs, shift_ramp(d_model, 0.5), (d_model,), ("embed",))
+    self.mu_r = param(rngs, shift_ramp(d_model, 0.5), (d_model,), ("embed",))
     self.key = Dense(d_model, h, in_axes=("embed",), out_axes=("mlp",), rngs=rngs)
     self.receptance = Dense(d_model, d_model, in_axes=("embed",),
                             out_axes=("embed",), rngs=rngs)

@@ -12,7 +12,6 @@ from layers.kernels.conv1d import causal_conv1d
 from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, RECURRENCE_FLOPS
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, positions_for
-from layers.mixers.rwkv import check_kernel
 from layers.params import Dense, constant_init, fan_in_init, param
 from layers.positions import segment_positions
 
@@ -111,7 +110,7 @@ class RGLRU(Mixer):
                        f"num_heads={num_heads}")
     if conv_width < 1:
       raise ValueError(f"rglru: conv_width must be >= 1, got {conv_width}")
-    check_kernel(LINEAR_RECURRENCE, kernel)
+    LINEAR_RECURRENCE.choose(kernel)  # unknown names fail here
     self.kernel = kernel
     dense = lambda i, o, ia, oa: Dense(i, o, in_axes=(ia,), out_axes=(oa,),
                                        rngs=rngs, use_bias=True)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.channel.rwkv import mix, ramp_init, segment_starts, token_shift
-from layers.kernels import Op
+from layers.channel.rwkv import mix, segment_starts, shift_ramp, token_shift
 from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV6, WKV4State, wkv6_flops
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
@@ -30,12 +29,6 @@ DEPTH = 0.5
 def channel_ramp(n: int) -> jax.Array:
   """i / (n - 1) for i < n (0 when n == 1)."""
   return jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
-
-
-def check_kernel(op: Op, kernel: str) -> None:
-  if kernel != "auto" and kernel not in op.names():
-    raise ValueError(f"unknown {op.name} kernel {kernel!r}; choose 'auto' or "
-                     f"one of {op.names()}")
 
 
 def head_group_norm(y_BxLxHxK, scale_HxK, bias_HxK, eps):
@@ -79,16 +72,18 @@ class RWKV4(Mixer):
                    supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, kernel: str = "auto"):
-    check_kernel(WKV4, kernel)
+    WKV4.choose(kernel)  # unknown names fail here
     self.kernel = kernel
     ramp = channel_ramp(d_model)
     self.time_decay = param(rngs, -5 + 8 * ramp ** (0.7 + 1.3 * DEPTH),
                             (d_model,), ("embed",))
     zigzag = 0.5 * ((jnp.arange(d_model) + 1) % 3 - 1)
     self.time_first = param(rngs, math.log(0.3) + zigzag, (d_model,), ("embed",))
-    self.mu_k = param(rngs, ramp_init(1 - DEPTH), (d_model,), ("embed",))
-    self.mu_v = param(rngs, ramp_init(1 - DEPTH, 0.3 * DEPTH), (d_model,), ("embed",))
-    self.mu_r = param(rngs, ramp_init(0.5 * (1 - DEPTH)), (d_model,), ("embed",))
+    mu = lambda power, offset=0.0: param(rngs, shift_ramp(d_model, power, offset),
+                                         (d_model,), ("embed",))
+    self.mu_k = mu(1 - DEPTH)
+    self.mu_v = mu(1 - DEPTH, 0.3 * DEPTH)
+    self.mu_r = mu(0.5 * (1 - DEPTH))
     proj = lambda: Dense(d_model, d_model, in_axes=("embed",),
                          out_axes=("embed",), rngs=rngs)
     self.key, self.value, self.receptance, self.output = (
@@ -169,7 +164,7 @@ class RWKV6(Mixer):
     if mix_rank < 1 or decay_rank < 1:
       raise ValueError(f"rwkv6: mix_rank={mix_rank} and decay_rank="
                        f"{decay_rank} must be >= 1")
-    check_kernel(WKV6, kernel)
+    WKV6.choose(kernel)  # unknown names fail here
     self.kernel = kernel
     H, K = d_model // head_dim, head_dim
     self.num_heads, self.head_dim = H, K
@@ -177,9 +172,9 @@ class RWKV6(Mixer):
     # mu_s per shift (reference init: 1 - maa_s, since lerp runs the other way).
     powers = {"w": 1 - DEPTH, "k": 1 - DEPTH, "v": 1 - DEPTH,
               "r": 0.5 * (1 - DEPTH), "g": 0.5 * (1 - DEPTH)}
-    mu = jnp.stack([ramp_init(powers[s], 0.3 * DEPTH if s == "v" else 0.0)(
-        None, (d_model,), jnp.float32) for s in SHIFTS])
-    self.mu_x = param(rngs, ramp_init(1 - DEPTH), (d_model,), ("embed",))
+    mu = jnp.stack([shift_ramp(d_model, powers[s], 0.3 * DEPTH if s == "v" else 0.0)
+                    for s in SHIFTS])
+    self.mu_x = param(rngs, shift_ramp(d_model, 1 - DEPTH), (d_model,), ("embed",))
     self.mu = param(rngs, mu, (len(SHIFTS), d_model), (None, "embed"))
     # Small random LoRA factors (the reference zero-inits one side; random
     # keeps every gradient non-zero from the first step).
