@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from layers import channel, mixers
-from layers.kernels.wkv import (WKV4State, wkv4_chunked, wkv4_recurrent,
-                                wkv6_chunked, wkv6_recurrent)
+from layers.kernels.wkv import WKV4State, wkv4_chunked, wkv4_recurrent
+from layers.mixers.rwkv import wkv6
 from mixer_contract import rel_err
 
 B, L, D = 2, 11, 32  # D as in the contract suite, so inits compile once
@@ -60,9 +60,9 @@ def naive_wkv6(r, k, v, logw, u, S, reset=RESET):
 FORMS4 = {"recurrent": jax.jit(wkv4_recurrent),
           **{f"chunk{c}": jax.jit(functools.partial(wkv4_chunked, chunk_size=c))
              for c in (4, 64)}}
-FORMS6 = {"recurrent": jax.jit(wkv6_recurrent),
-          **{f"chunk{c}": jax.jit(functools.partial(wkv6_chunked, chunk_size=c))
-             for c in (4, 64)}}
+FORMS6 = {f"{form}{c}": functools.partial(wkv6, form=form, chunk_size=c)
+          for form, c in (("recurrent", 4), ("parallel", 4), ("chunked", 4),
+                          ("chunked", 64))}
 
 
 def test_wkv4_forms_match_equation_with_state_resets_and_large_keys():
@@ -97,19 +97,19 @@ def test_wkv6_forms_match_equation_with_state_resets_and_strong_decay():
   u = rng.standard_normal((H, K))
   S0 = rng.standard_normal((B, H, K, V))
   ref, S_ref = naive_wkv6(r, k, v, logw, u, S0)
-  args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0, RESET)]
+  args = [jnp.asarray(a, jnp.float32) for a in (r, k, v, logw, u, S0)]
   for name, fn in FORMS6.items():
-    y, S = fn(*args)
+    y, S = jax.jit(fn)(*args, segment_ids=jnp.asarray(SEG, jnp.int32))
     assert rel_err(y, ref) < 1e-5 and rel_err(S, S_ref) < 1e-5, name
 
 
 run = nnx.jit(lambda m, x: m(x))
 
 
-def assert_forms_match(m, x, ref):
-  for kernel in ("recurrent", "chunked"):
-    m.kernel = kernel
-    assert rel_err(run(m, jnp.asarray(x, jnp.float32)), ref) < 1e-5, kernel
+def assert_forms_match(m, x, ref, option, forms):
+  for form in forms:
+    setattr(m, option, form)
+    assert rel_err(run(m, jnp.asarray(x, jnp.float32)), ref) < 1e-5, form
 
 
 def params(module):
@@ -143,7 +143,7 @@ def test_rwkv4_mixer_matches_paper_equations_in_both_forms():
   r = sigmoid(lerp(x, prev, p["mu_r"]) @ p["receptance"]["kernel"])
   wkv, _ = naive_wkv4(-np.exp(p["time_decay"]), p["time_first"], k, v)
   ref = (r * wkv) @ p["output"]["kernel"]
-  assert_forms_match(m, x, ref)
+  assert_forms_match(m, x, ref, "kernel", ("recurrent", "chunked"))
 
 
 def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
@@ -165,10 +165,10 @@ def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
   y, _ = naive_wkv6(proj(xr, "receptance"), proj(xk, "key"), proj(xv, "value"),
                     logw, p["bonus"], np.zeros((B, H, K, K)), np.zeros((B, L), bool))
   y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 64e-5)
-  y = y * p["norm_scale"] + p["norm_bias"]
-  g = proj(xg, "gate")
+  y = y * p["out_gate"]["scale"] + p["out_gate"]["bias"]
+  g = np.einsum("bld,dhk->blhk", xg, p["out_gate"]["gate"]["kernel"])
   ref = np.einsum("blhk,hkd->bld", y * g * sigmoid(g), p["output"]["kernel"])
-  assert_forms_match(m, x, ref)
+  assert_forms_match(m, x, ref, "form", ("recurrent", "parallel", "chunked"))
 
 
 def test_rwkv_channel_matches_equation_and_decodes_with_segments():
@@ -198,7 +198,8 @@ def test_rwkv_channel_matches_equation_and_decodes_with_segments():
 
 @pytest.mark.parametrize("name,options,match", [
     ("rwkv4", {"kernel": "cuda"}, "unknown wkv4 kernel"),
-    ("rwkv6", {"kernel": "fused"}, "unknown wkv6 kernel"),
+    ("rwkv6", {"form": "fused"}, "unknown form"),
+    ("rwkv6", {"chunk_size": 0}, "chunk_size"),
     ("rwkv6", {"head_dim": 5}, "multiple of head_dim"),
     ("rwkv6", {"head_dim": 0}, "multiple of head_dim"),
     ("rwkv6", {"mix_rank": 0}, "mix_rank"),

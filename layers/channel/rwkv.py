@@ -22,14 +22,16 @@ class ShiftState:
 def token_shift(x_BxLxD: jax.Array, last_BxD: jax.Array | None = None,
                 segment_ids: jax.Array | None = None) -> jax.Array:
   """x_{t-1} for every t: `last` (or zeros) before the first token, and
-  zeros at the first token of every segment of a packed row."""
+  zeros at the first token of every segment of a packed row. x is
+  [B, L, ...]; last is x's trailing shape."""
   first = (jnp.zeros_like(x_BxLxD[:, :1]) if last_BxD is None
            else last_BxD[:, None].astype(x_BxLxD.dtype))
   prev = jnp.concatenate([first, x_BxLxD[:, :-1]], axis=1)
   if segment_ids is None:
     return prev
-  return jnp.where(segment_starts(x_BxLxD, segment_ids)[..., None], 0, prev
-                   ).astype(x_BxLxD.dtype)
+  starts = segment_starts(x_BxLxD, segment_ids)
+  starts = starts.reshape(starts.shape + (1,) * (x_BxLxD.ndim - 2))
+  return jnp.where(starts, 0, prev).astype(x_BxLxD.dtype)
 
 
 def segment_starts(x_BxLxD, segment_ids):

@@ -1,7 +1,10 @@
-"""RWKV "WKV" kernels: the weighted key-value sums of RWKV-4 and RWKV-6.
+"""RWKV-4's "WKV" kernel: the normalized, decayed key-value sum.
 
-Both ops run entirely in fp32 (state, decays, exponentials) whatever the
-input dtype and return fp32 outputs; the mixer casts back. Each has a
+(RWKV-6's WKV is the shared causal linear attention; see
+`layers.mixers.rwkv.wkv6`.)
+
+The op runs entirely in fp32 (state, decays, exponentials) whatever the
+input dtype and returns fp32 outputs; the mixer casts back. It has a
 "recurrent" form (`lax.scan`, one token at a time; the decode form and the
 reference) and a "chunked" form (a `lax.scan` over chunks of T tokens,
 with the T x T pairs inside a chunk computed in parallel) that agree to
@@ -17,16 +20,7 @@ The state is (num, den, max): the two running sums scaled by e^{-max}, so
 no exponential overflows however large k grows (the reference CUDA/CPU
 kernels track the same maximum).
 
-WKV6 (RWKV-6 "Finch", Peng et al. 2024, arXiv:2404.05892), per head, with a
-matrix state S [K, V], data-dependent log decays logw_t [K] (< 0) and bonus
-u [K]:
-
-  y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),   S_t = diag(e^{logw_t}) S_{t-1} + k_t v_t^T
-
-The chunked form takes cumulative log decays inside a chunk in fp32 and
-only ever exponentiates differences that are <= 0, so it cannot overflow.
-
-Every form takes `reset` [B, L] bool: True where a new sequence starts
+Both forms take `reset` [B, L] bool: True where a new sequence starts
 (a segment of a packed row); the state seen there is empty, as if the
 sequence were run alone.
 """
@@ -142,79 +136,5 @@ WKV4 = Op(
     "wkv4",
     impls={"chunked": Impl("chunked", wkv4_chunked),
            "recurrent": Impl("recurrent", wkv4_recurrent)},
-    order={"default": ("chunked", "recurrent")},
-)
-
-
-def wkv6_recurrent(r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK, u_HxK,
-                   S_BxHxKxV, reset_BxL):
-  """One token per step on the [K, V] state of every head."""
-  u = u_HxK.astype(F32)
-
-  def step(S, rkvw):
-    r, k, v, logw, reset = rkvw  # [B, H, K|V], [B]
-    S = jnp.where(reset[:, None, None, None], 0.0, S)
-    kv = k[..., :, None] * v[..., None, :]
-    y = jnp.einsum("bhk,bhkv->bhv", r, S + u[..., None] * kv)
-    return jnp.exp(logw)[..., None] * S + kv, y
-
-  seq = tuple(jnp.swapaxes(a, 0, 1).astype(F32)
-              for a in (r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK))
-  seq += (jnp.swapaxes(reset_BxL, 0, 1),)
-  S, y = jax.lax.scan(step, S_BxHxKxV.astype(F32), seq)
-  return jnp.swapaxes(y, 0, 1), S
-
-
-def _wkv6_chunk(u, S, rkvw):
-  r, k, v, logw, reset = rkvw            # [B, T, H, K|V] fp32, [B, T] bool
-  T = r.shape[1]
-  seg = segments(reset)
-  b = jnp.cumsum(logw, axis=1)           # log decay of tokens 0..t
-  b_before = b - logw                    # ... of tokens 0..t-1
-  t = jnp.arange(T)
-  pairs = (t[None, :] < t[:, None])[None] & (seg[:, :, None] == seg[:, None, :])
-  # Decay from token i to the output at t > i: prod_{i<j<t} w_j (<= 1).
-  decay = jnp.exp(jnp.where(pairs[..., None, None],
-                            b_before[:, :, None] - b[:, None], -jnp.inf))
-  A = jnp.einsum("bthk,bihk,btihk->bhti", r, k, decay)
-  bonus = jnp.einsum("bthk,hk,bthk->bth", r, u, k)
-  carried = (seg == 0)[..., None, None]  # outputs that still see S
-  y = (jnp.einsum("bhti,bihv->bthv", A, v) + bonus[..., None] * v
-       + jnp.einsum("bthk,bhkv->bthv", jnp.where(carried, r * jnp.exp(b_before), 0.0), S))
-  # Decay from token i to the chunk end; only the last segment is kept.
-  to_end = jnp.where((seg == seg[:, -1:])[..., None, None],
-                     jnp.exp(b[:, -1:] - b), 0.0)
-  keep = (seg[:, -1] == 0)[:, None, None, None]  # no reset in the chunk
-  S = (jnp.where(keep, jnp.exp(b[:, -1])[..., None] * S, 0.0)
-       + jnp.einsum("bihk,bihv->bhkv", k * to_end, v))
-  return S, y
-
-
-def wkv6_chunked(r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK, u_HxK,
-                 S_BxHxKxV, reset_BxL, *, chunk_size: int = CHUNK):
-  """Chunks of `chunk_size` tokens: intra-chunk pairs as a masked T x T
-  matrix per head (decays taken pairwise, O(B H T^2 K) live memory), the
-  state carried across chunks."""
-  u = u_HxK.astype(F32)
-  seq = tuple(a.astype(F32) for a in (r_BxLxHxK, k_BxLxHxK, v_BxLxHxV,
-                                      logw_BxLxHxK)) + (reset_BxL,)
-  S, y = scan_chunks(lambda S, c: _wkv6_chunk(u, S, c), S_BxHxKxV.astype(F32),
-                     seq, chunk_size)
-  return y, S
-
-
-def wkv6_flops(impl_name: str, head_dim: int) -> float:
-  """Forward FLOPs per head per token with K = V = head_dim: the recurrent
-  form updates and reads the K x V state (~7 K V); the chunked form builds
-  the T x T decayed score matrix (~5 T K), applies it (2 T V), and reads and
-  updates the carried state (~4 K V)."""
-  K, T = head_dim, CHUNK
-  return {"chunked": 7.0 * T * K + 4.0 * K * K, "recurrent": 7.0 * K * K}[impl_name]
-
-
-WKV6 = Op(
-    "wkv6",
-    impls={"chunked": Impl("chunked", wkv6_chunked),
-           "recurrent": Impl("recurrent", wkv6_recurrent)},
     order={"default": ("chunked", "recurrent")},
 )

@@ -2,9 +2,10 @@
 (data-dependent decay, matrix state per head).
 
 Both keep a constant decode state: the last token (for the token shift)
-plus the WKV state, which the kernels in `layers.kernels.wkv` keep in fp32.
-Packed rows (segment_ids) shift in zeros and empty the WKV state at each
-segment start.
+plus the WKV state in fp32. RWKV-4's WKV is `layers.kernels.wkv`; RWKV-6's
+is the shared causal linear attention (`layers.kernels.linear_attention`)
+run one token behind, plus the bonus term. Packed rows (segment_ids) shift
+in zeros and empty the WKV state at each segment start.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from layers.channel.rwkv import mix, segment_starts, shift_ramp, token_shift
-from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV6, WKV4State, wkv6_flops
+from layers.kernels import linear_attention as linear
+from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV4State
 from layers.mixers import register
-from layers.mixers.base import Mixer, MixerInfo
+from layers.mixers.base import MixerInfo
+from layers.mixers.linear_attention import GatedHeadNorm, RecurrentMixer, head_dense
 from layers.params import Dense, param
 
 # Channel ramps of the reference inits take a layer-depth ratio; a mixer
@@ -31,22 +34,8 @@ def channel_ramp(n: int) -> jax.Array:
   return jnp.arange(n, dtype=jnp.float32) / max(n - 1, 1)
 
 
-def head_group_norm(y_BxLxHxK, scale_HxK, bias_HxK, eps):
-  """GroupNorm with one group per head (RWKV-5/6's ln_x), fp32 statistics."""
-  mu = y_BxLxHxK.mean(-1, keepdims=True)
-  var = jnp.square(y_BxLxHxK - mu).mean(-1, keepdims=True)
-  return (y_BxLxHxK - mu) * jax.lax.rsqrt(var + eps) * scale_HxK + bias_HxK
-
-
-@struct.dataclass
-class RWKV4Cache:
-  """shift: last token [B, d_model]; wkv: (num, den, max) [B, d_model] fp32."""
-  shift: jax.Array
-  wkv: WKV4State
-
-
 @register("rwkv4")
-class RWKV4(Mixer):
+class RWKV4(RecurrentMixer):
   """RWKV-4 time mixing (Peng et al., 2023, "RWKV: Reinventing RNNs for the
   Transformer Era", arXiv:2305.13048).
 
@@ -62,7 +51,8 @@ class RWKV4(Mixer):
 
   Cost: training O(L d) time with the recurrent form, O(L T d) with the
   chunked one (chunks of T tokens); decode O(d) per token with a constant
-  state of 4 d values (last token, num, den, max; WKV in fp32).
+  state of 4 d values (last token, num, den, max; WKV in fp32). The cache
+  is a `RecurrentCache` whose state is (last token, WKV4State).
 
   Options: kernel: "auto" or one of `layers.kernels.wkv.WKV4.names()`.
   """
@@ -89,25 +79,20 @@ class RWKV4(Mixer):
     self.key, self.value, self.receptance, self.output = (
         proj(), proj(), proj(), proj())
 
-  def __call__(self, x, *, cache: RWKV4Cache | None = None, segment_ids=None):
-    self.check_call(x, cache, segment_ids)
-    prev = token_shift(x, None if cache is None else cache.shift, segment_ids)
+  def mix(self, x, pos, segment_ids, state):
+    last, wkv = state
+    prev = token_shift(x, last, segment_ids)
     k = self.key(mix(x, prev, self.mu_k[...]))
     v = self.value(mix(x, prev, self.mu_v[...]))
     r = jax.nn.sigmoid(self.receptance(mix(x, prev, self.mu_r[...])))
-    state = WKV4State.zeros(x.shape[0], x.shape[2]) if cache is None else cache.wkv
     impl = WKV4.choose(self.kernel, dtype=x.dtype)
-    wkv, state = impl.fn(-jnp.exp(self.time_decay[...]), self.time_first[...],
-                         k, v, state, segment_starts(x, segment_ids))
-    y = self.output(r * wkv.astype(x.dtype))
-    if cache is None:
-      return y
-    return y, RWKV4Cache(x[:, -1].astype(cache.shift.dtype), state)
+    out, wkv = impl.fn(-jnp.exp(self.time_decay[...]), self.time_first[...],
+                       k, v, wkv, segment_starts(x, segment_ids))
+    return self.output(r * out.astype(x.dtype)), (x[:, -1].astype(last.dtype), wkv)
 
-  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+  def zero_state(self, batch_size, dtype):
     d = self.time_decay.shape[0]
-    return RWKV4Cache(jnp.zeros((batch_size, d), dtype),
-                      WKV4State.zeros(batch_size, d))
+    return jnp.zeros((batch_size, d), dtype), WKV4State.zeros(batch_size, d)
 
   def flops_per_token(self, seq_len):
     d = self.time_decay.shape[0]
@@ -115,11 +100,27 @@ class RWKV4(Mixer):
     return 4 * 2.0 * d * d + WKV4_FLOPS[impl.name] * d
 
 
-@struct.dataclass
-class RWKV6Cache:
-  """shift: last token [B, d_model]; wkv: state [B, H, K, K] fp32."""
-  shift: jax.Array
-  wkv: jax.Array
+def wkv6(r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK, u_HxK, S_BxHxKxV, *,
+         segment_ids=None, form: str, chunk_size: int):
+  """RWKV-6's WKV, y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T) with
+  S_t = diag(exp(logw_t)) S_{t-1} + k_t v_t^T, all in fp32.
+
+  The shared linear attention reads the state that includes the current
+  token (o_t = S_t^T q_t). Fed keys, values and log decays one token late
+  (zeros at t = 0 and at segment starts), its state at t is our S_{t-1};
+  the bonus adds the current token, and one last update gives the state
+  after the piece. Returns (y [B, L, H, V] fp32, S [B, H, K, V] fp32).
+  """
+  f32 = lambda a: a.astype(jnp.float32)
+  late = lambda a: token_shift(f32(a), None, segment_ids)
+  o, S = linear.causal_linear_attention(
+      r_BxLxHxK, late(k_BxLxHxK), late(v_BxLxHxV), log_decay=late(logw_BxLxHxK),
+      segment_ids=segment_ids, state=S_BxHxKxV, form=form, chunk_size=chunk_size)
+  k, v = f32(k_BxLxHxK), f32(v_BxLxHxV)
+  bonus = jnp.einsum("blhk,hk,blhk->blh", f32(r_BxLxHxK), f32(u_HxK), k)
+  S = (jnp.exp(f32(logw_BxLxHxK[:, -1]))[..., None] * S
+       + k[:, -1, :, :, None] * v[:, -1, :, None, :])
+  return o + bonus[..., None] * v, S
 
 
 # Order of the five data-dependent token shifts (ddlerp) of RWKV-6.
@@ -127,7 +128,7 @@ SHIFTS = ("w", "k", "v", "r", "g")
 
 
 @register("rwkv6")
-class RWKV6(Mixer):
+class RWKV6(RecurrentMixer):
   """RWKV-6 "Finch" time mixing (Peng et al., 2024, "Eagle and Finch: RWKV
   with Matrix-Valued States and Dynamic Recurrence", arXiv:2404.05892).
 
@@ -143,13 +144,14 @@ class RWKV6(Mixer):
   Packed rows (segment_ids): zeros shift in and the state starts empty at
   each segment start.
 
-  Cost: training O(L T d) time with the chunked form (chunks of T tokens),
+  Cost: training O(L C d) time with the chunked form (chunks of C tokens),
   O(L d K) with the recurrent one; decode O(d K) per token with a constant
-  state of d K + d values (WKV state in fp32, decays summed in fp32).
+  state of d K + d values (WKV state in fp32, decays summed in fp32). The
+  cache is a `RecurrentCache` whose state is (last token, S).
 
   Options: head_dim (K; the paper uses 64), mix_rank / decay_rank (LoRA
-  ranks, paper 32 / 64), kernel: "auto" or one of
-  `layers.kernels.wkv.WKV6.names()`.
+  ranks, paper 32 / 64); form ("chunked", "parallel", "recurrent") and
+  chunk_size of the shared linear-attention kernel.
   """
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
@@ -157,15 +159,16 @@ class RWKV6(Mixer):
                    supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 16,
-               mix_rank: int = 32, decay_rank: int = 64, kernel: str = "auto"):
+               mix_rank: int = 32, decay_rank: int = 64, form: str = "chunked",
+               chunk_size: int = 64):
     if head_dim < 1 or d_model % head_dim:
       raise ValueError(f"rwkv6: d_model={d_model} must be a positive multiple "
                        f"of head_dim={head_dim}")
     if mix_rank < 1 or decay_rank < 1:
       raise ValueError(f"rwkv6: mix_rank={mix_rank} and decay_rank="
                        f"{decay_rank} must be >= 1")
-    WKV6.choose(kernel)  # unknown names fail here
-    self.kernel = kernel
+    linear.check_form(form, chunk_size, "rwkv6")
+    self.form, self.chunk_size = form, chunk_size
     H, K = d_model // head_dim, head_dim
     self.num_heads, self.head_dim = H, K
     ramp = channel_ramp(d_model)
@@ -192,15 +195,14 @@ class RWKV6(Mixer):
     zigzag = 0.1 * ((jnp.arange(d_model) + 1) % 3 - 1)
     self.bonus = param(rngs, (DEPTH * (1 - ramp) + zigzag).reshape(H, K), (H, K),
                        ("heads", "head_dim"))
-    proj = lambda: Dense(d_model, (H, K), in_axes=("embed",),
-                         out_axes=("heads", "head_dim"), rngs=rngs)
-    self.receptance, self.key, self.value, self.gate = proj(), proj(), proj(), proj()
+    self.receptance, self.key, self.value = (
+        head_dense(d_model, H, K, rngs) for _ in range(3))
+    # GroupNorm per head with the reference's eps, 1e-5 * head_size_divisor^2
+    # (divisor 8), then the silu gate.
+    self.out_gate = GatedHeadNorm(d_model, H, K, rngs=rngs, use_bias=False,
+                                  eps=64e-5)
     self.output = Dense((H, K), d_model, in_axes=("heads", "head_dim"),
                         out_axes=("embed",), rngs=rngs)
-    self.norm_scale = param(rngs, jnp.ones((H, K)), (H, K), ("heads", "head_dim"))
-    self.norm_bias = param(rngs, jnp.zeros((H, K)), (H, K), ("heads", "head_dim"))
-    # The reference's GroupNorm eps, 1e-5 * head_size_divisor^2 with divisor 8.
-    self.norm_eps = 64e-5
 
   def ddlerp(self, x, prev):
     """The five data-dependently shifted inputs, [B, L, 5, D]."""
@@ -215,32 +217,24 @@ class RWKV6(Mixer):
     return -jnp.exp(self.decay[...] + jnp.einsum("blr,rhk->blhk", lo,
                                                  self.decay_b[...]))
 
-  def __call__(self, x, *, cache: RWKV6Cache | None = None, segment_ids=None):
-    self.check_call(x, cache, segment_ids)
-    B = x.shape[0]
-    prev = token_shift(x, None if cache is None else cache.shift, segment_ids)
+  def mix(self, x, pos, segment_ids, state):
+    last, S = state
+    prev = token_shift(x, last, segment_ids)
     x_w, x_k, x_v, x_r, x_g = (self.ddlerp(x, prev)[:, :, i]
                                for i in range(len(SHIFTS)))
-    S = (jnp.zeros((B, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
-         if cache is None else cache.wkv)
-    impl = WKV6.choose(self.kernel, dtype=x.dtype)
-    y, S = impl.fn(self.receptance(x_r), self.key(x_k), self.value(x_v),
-                   self.log_decay(x_w), self.bonus[...], S,
-                   segment_starts(x, segment_ids))
-    y = head_group_norm(y, self.norm_scale[...], self.norm_bias[...], self.norm_eps)
-    out = self.output(y.astype(x.dtype) * jax.nn.silu(self.gate(x_g)))
-    if cache is None:
-      return out
-    return out, RWKV6Cache(x[:, -1].astype(cache.shift.dtype), S)
+    y, S = wkv6(self.receptance(x_r), self.key(x_k), self.value(x_v),
+                self.log_decay(x_w), self.bonus[...], S, segment_ids=segment_ids,
+                form=self.form, chunk_size=self.chunk_size)
+    return self.output(self.out_gate(x_g, y)), (x[:, -1].astype(last.dtype), S)
 
-  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+  def zero_state(self, batch_size, dtype):
     H, K = self.num_heads, self.head_dim
-    return RWKV6Cache(jnp.zeros((batch_size, H * K), dtype),
-                      jnp.zeros((batch_size, H, K, K), jnp.float32))
+    return (jnp.zeros((batch_size, H * K), dtype),
+            jnp.zeros((batch_size, H, K, K), jnp.float32))
 
   def flops_per_token(self, seq_len):
     d = self.num_heads * self.head_dim
     lora = self.mix_a.size + self.mix_b.size + self.decay_a.size + self.decay_b.size
-    impl = WKV6.choose(self.kernel)
-    return (5 * 2.0 * d * d + 2.0 * lora
-            + self.num_heads * wkv6_flops(impl.name, self.head_dim))
+    kernel = self.num_heads * linear.flops_per_token(
+        self.form, seq_len, self.chunk_size, self.head_dim, self.head_dim)
+    return 5 * 2.0 * d * d + 2.0 * lora + kernel
