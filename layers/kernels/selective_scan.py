@@ -124,7 +124,11 @@ SELECTIVE_SCAN = Op(
     "selective_scan",
     impls={"chunked": Impl("chunked", _jit(s6_chunked)),
            "sequential": Impl("sequential", _jit(s6_sequential))},
-    order={"default": ("chunked", "sequential")},
+    # On CPU the plain scan is the faster one (about 3x for fwd+bwd at
+    # d_inner=256, L=512): the associative scan and its recompute only pay
+    # off where the steps would otherwise run serially on a wide device.
+    order={"cpu": ("sequential", "chunked"),
+           "default": ("chunked", "sequential")},
 )
 
 
