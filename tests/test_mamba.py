@@ -1,6 +1,7 @@
 """Mamba / Mamba-2: scan forms against the papers' equations written out
-naively (with an initial state and segment resets), forms agreeing inside
-the mixers, the reference inits, and bad options."""
+naively (with an initial state and segment resets; Mamba-2's through its
+linear-attention adapter, groups included), forms agreeing inside the
+mixers, the reference inits, and bad options."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import pytest
 from flax import nnx
 
 from layers import mixers
-from layers.kernels.selective_scan import SELECTIVE_SCAN, SSD
+from layers.kernels.linear_attention import LINEAR_ATTENTION
+from layers.kernels.selective_scan import SELECTIVE_SCAN
+from layers.mixers.mamba import ssd
 
 Bsz, L, D, N, H, P, G = 2, 11, 3, 4, 4, 3, 2
 CHUNK = 4  # does not divide L: the chunked forms pad the tail
@@ -76,53 +79,68 @@ def ssd_quadratic(x, dt, A, B, C, h0, reset):
   return y, h_end
 
 
-def call(op, form, inp):
-  f32 = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items() if k != "reset"}
-  return op.choose(form).fn(f32["x"], f32["dt"], f32["A"], f32["B"], f32["C"],
-                            h0=f32["h0"], reset_BxL=jnp.asarray(inp["reset"]),
-                            chunk_size=CHUNK)
+def f32(inp):
+  return {k: jnp.asarray(v, jnp.float32) for k, v in inp.items() if k != "reset"}
 
 
-@pytest.mark.parametrize("op,inputs,naive", [
-    (SELECTIVE_SCAN, s6_inputs, s6_naive), (SSD, ssd_inputs, ssd_quadratic)],
-    ids=["s6", "ssd"])
-def test_forms_match_naive_equations(op, inputs, naive):
-  inp = inputs()
-  y_ref, h_ref = naive(**inp)
-  assert set(op.names()) == {"chunked", "sequential"}
-  for form in op.names():
-    y, h = call(op, form, inp)
+def s6(form, inp):
+  a = f32(inp)
+  return SELECTIVE_SCAN.choose(form).fn(
+      a["x"], a["dt"], a["A"], a["B"], a["C"], h0=a["h0"],
+      reset_BxL=jnp.asarray(inp["reset"]), chunk_size=CHUNK)
+
+
+def test_s6_forms_match_naive_recurrence():
+  inp = s6_inputs()
+  y_ref, h_ref = s6_naive(**inp)
+  assert set(SELECTIVE_SCAN.names()) == {"chunked", "sequential"}
+  for form in SELECTIVE_SCAN.names():
+    y, h = s6(form, inp)
     assert y.dtype == h.dtype == jnp.float32
     assert rel_err(y, y_ref) <= 1e-5, (form, rel_err(y, y_ref))
     assert rel_err(h, h_ref) <= 1e-5, (form, rel_err(h, h_ref))
 
 
-@pytest.mark.parametrize("op,inputs", [(SELECTIVE_SCAN, s6_inputs),
-                                       (SSD, ssd_inputs)], ids=["s6", "ssd"])
-def test_forms_agree_in_gradients(op, inputs):
-  inp = inputs(1)
+def test_ssd_forms_match_quadratic_form():
+  inp = ssd_inputs()
+  y_ref, h_ref = ssd_quadratic(**inp)
+  a = f32(inp)
+  segment_ids = jnp.asarray(np.cumsum(inp["reset"], 1), jnp.int32)
+  for form in LINEAR_ATTENTION.names():
+    y, h_BxHxNxP = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"],
+                       state=jnp.swapaxes(a["h0"], -1, -2),
+                       segment_ids=segment_ids, form=form, chunk_size=CHUNK)
+    assert y.dtype == h_BxHxNxP.dtype == jnp.float32
+    assert rel_err(y, y_ref) <= 1e-5, (form, rel_err(y, y_ref))
+    h = jnp.swapaxes(h_BxHxNxP, -1, -2)
+    assert rel_err(h, h_ref) <= 1e-5, (form, rel_err(h, h_ref))
+
+
+def test_s6_forms_agree_in_gradients():
+  inp = s6_inputs(1)
   w = np.random.default_rng(2).standard_normal(inp["x"].shape)
+  names = ("x", "dt", "A", "B", "C", "h0")
 
   def grads(form):
     def loss(*args):
-      y, h = call(op, form, dict(zip(("x", "dt", "A", "B", "C", "h0"), args),
-                                 reset=inp["reset"]))
+      y, h = s6(form, dict(zip(names, args), reset=inp["reset"]))
       return jnp.sum(y * w) + jnp.sum(h)
-    return jax.grad(loss, argnums=tuple(range(6)))(
-        *(inp[k] for k in ("x", "dt", "A", "B", "C", "h0")))
+    return jax.grad(loss, argnums=tuple(range(6)))(*(inp[k] for k in names))
 
   for g_seq, g_chunk in zip(grads("sequential"), grads("chunked")):
     assert np.isfinite(np.asarray(g_chunk)).all()
     assert rel_err(g_chunk, g_seq) <= 1e-5
 
 
-@pytest.mark.parametrize("name,opts", [
-    ("mamba", dict(d_state=4)),
-    ("mamba2", dict(d_state=8, head_dim=16, n_groups=2))])
-def test_mixer_forms_agree_with_segments(name, opts):
-  seq = mixers.build(name, 32, rngs=nnx.Rngs(0), kernel="sequential", **opts)
-  chunk = mixers.build(name, 32, rngs=nnx.Rngs(0), kernel="chunked",
-                       chunk_size=5, **opts)
+@pytest.mark.parametrize("name,opts,seq,chunk", [
+    ("mamba", dict(d_state=4), dict(kernel="sequential"),
+     dict(kernel="chunked")),
+    ("mamba2", dict(d_state=8, head_dim=16, n_groups=2),
+     dict(form="recurrent"), dict(form="chunked"))])
+def test_mixer_forms_agree_with_segments(name, opts, seq, chunk):
+  seq = mixers.build(name, 32, rngs=nnx.Rngs(0), **seq, **opts)
+  chunk = mixers.build(name, 32, rngs=nnx.Rngs(0), chunk_size=5, **chunk,
+                       **opts)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 13, 32)),
                   jnp.float32)
   seg = jnp.asarray([[0] * 4 + [1] * 9, [2] * 12 + [3]], jnp.int32)
@@ -152,7 +170,7 @@ def test_reference_inits():
     ("mamba2", dict(d_conv=0), "d_conv must be an int >= 1"),
     ("mamba2", dict(head_dim=48), "not a multiple of head_dim=48"),
     ("mamba2", dict(head_dim=16, n_groups=3), "not a multiple of n_groups=3"),
-    ("mamba2", dict(kernel="parallel"), "unknown kernel 'parallel'"),
+    ("mamba2", dict(form="associative"), "unknown form 'associative'"),
 ])
 def test_bad_options(name, opts, match):
   with pytest.raises(ValueError, match=match):

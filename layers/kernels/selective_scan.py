@@ -1,4 +1,4 @@
-"""Selective state-space scans (Mamba's S6 and Mamba-2's SSD), pure JAX.
+"""Mamba's selective scan (S6), pure JAX.
 
 SELECTIVE_SCAN (Gu & Dao 2023): per channel d and state index n,
     h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] x_t[d]
@@ -10,19 +10,14 @@ SELECTIVE_SCAN (Gu & Dao 2023): per channel d and state index n,
                backward pass, so the expanded state is only ever held for
                one chunk (what the fused CUDA kernel does in SRAM).
 
-SSD (Dao & Gu 2024): the same recurrence with one scalar decay per head,
-    h_t[h] = exp(dt_t[h] A[h]) h_{t-1}[h] + dt_t[h] x_t[h] (x) B_t[g(h)]
-    y_t[h] = h_t[h] C_t[g(h)],    state [H, P, N], g(h) = h // (H / G)
-  "sequential": `lax.scan` over time.
-  "chunked":   the SSD matrix form: inside a chunk a masked quadratic
-               (C B^T * decay) x product, plus one state per chunk passed
-               between chunks by a short scan.
+(Mamba-2's SSD has one scalar decay per head, which makes it decayed
+linear attention: it runs on `layers.kernels.linear_attention`.)
 
-Both ops take an initial state h0 (None = zeros) and reset_BxL (True
+Both forms take an initial state h0 (None = zeros) and reset_BxL (True
 where the state is zeroed before that step, for packed segments; None =
 never), and return (y, final state). All arithmetic is fp32 whatever the
 input dtype (decays and states drift in bf16); y and the state come back
-fp32. The chunked forms pad the tail with dt = 0, which leaves the state
+fp32. The chunked form pads the tail with dt = 0, which leaves the state
 unchanged.
 """
 
@@ -64,8 +59,6 @@ def _chunks(T, a):
   """[B, L, ...] (L a multiple of T) -> [B, L/T, T, ...]."""
   return a.reshape(a.shape[0], -1, T, *a.shape[2:])
 
-
-# -- Mamba (S6) ---------------------------------------------------------------
 
 def s6_sequential(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
                   reset_BxL=None, chunk_size=None):
@@ -142,114 +135,3 @@ def s6_flops_per_token(form: str, d_inner: int, d_state: int) -> float:
   """
   per_element = {"sequential": 7.0, "chunked": 13.0}
   return per_element[form] * d_inner * d_state
-
-
-# -- Mamba-2 (SSD) ------------------------------------------------------------
-
-def _heads_by_group(a, G):
-  """[B, L, H, ...] -> [B, L, G, H/G, ...]: head h uses group h // (H/G)."""
-  return a.reshape(a.shape[0], a.shape[1], G, -1, *a.shape[3:])
-
-
-def ssd_sequential(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, *, h0=None,
-                   reset_BxL=None, chunk_size=None):
-  """The recurrence, one step at a time (chunk_size is not used)."""
-  del chunk_size
-  Bsz, L, H, P = x_BxLxHxP.shape
-  G, N = B_BxLxGxN.shape[2:]
-  x, dt, A, Bm, Cm = _f32(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN)
-  h0 = jnp.zeros((Bsz, H, P, N), F32) if h0 is None else h0.astype(F32)
-  x, dt = _heads_by_group(x, G), _heads_by_group(dt, G)
-  A = A.reshape(G, -1)
-
-  def step(h_BxGxRxPxN, inp):
-    x_t, dt_t, B_t, C_t, r_t = inp          # [B,G,R,P] [B,G,R] [B,G,N] [B]
-    h = jnp.where(r_t[:, None, None, None, None], 0.0, h_BxGxRxPxN)
-    decay = jnp.exp(dt_t * A)[..., None, None]
-    h = decay * h + jnp.einsum("bgrp,bgn->bgrpn", x_t * dt_t[..., None], B_t)
-    return h, jnp.einsum("bgrpn,bgn->bgrp", h, C_t)
-
-  time_major = [jnp.swapaxes(a, 0, 1) for a in
-                (x, dt, Bm, Cm, _resets(reset_BxL, Bsz, L))]
-  h, y = jax.lax.scan(step, h0.reshape(Bsz, G, -1, P, N), time_major)
-  return jnp.swapaxes(y, 0, 1).reshape(Bsz, L, H, P), h.reshape(Bsz, H, P, N)
-
-
-def _segsum(a_xT):
-  """S[..., i, j] = sum_{j<k<=i} a[..., k] (valid for i >= j), by a masked
-  cumsum rather than a difference of cumsums, which loses precision."""
-  T = a_xT.shape[-1]
-  strict = jnp.tril(jnp.ones((T, T), bool), -1)
-  return jnp.cumsum(jnp.where(strict, a_xT[..., :, None], 0.0), axis=-2)
-
-
-def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, *, h0=None,
-                reset_BxL=None, chunk_size=64):
-  """The SSD chunked matrix form (Dao & Gu 2024, sec. 6)."""
-  Bsz, L, H, P = x_BxLxHxP.shape
-  G, N = B_BxLxGxN.shape[2:]
-  T = min(chunk_size, L)
-  x, dt, A, Bm, Cm = _f32(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN)
-  h0 = jnp.zeros((Bsz, H, P, N), F32) if h0 is None else h0.astype(F32)
-  # Run index: positions i >= j share a run iff no reset lies in (j, i].
-  runs_BxL = jnp.cumsum(_resets(reset_BxL, Bsz, L).astype(jnp.int32), axis=1)
-  x, dt, Bm, Cm = _pad_time(T, x, dt, Bm, Cm)
-  runs_BxL = jnp.pad(runs_BxL, [(0, 0), (0, x.shape[1] - L)], mode="edge")
-  xdt = _chunks(T, _heads_by_group(x * dt[..., None], G))    # [B,C,T,G,R,P]
-  a = jnp.moveaxis(_chunks(T, _heads_by_group(dt * A, G)), 2, -1)  # [B,C,G,R,T]
-  Bm, Cm, runs = _chunks(T, Bm), _chunks(T, Cm), _chunks(T, runs_BxL)
-  runs_before = jnp.concatenate(                               # [B, C]
-      [jnp.zeros_like(runs[:, :1, 0]), runs[:, :-1, -1]], axis=1)
-
-  # Decay between positions of one chunk: L[i, j] = exp(a_{j+1} + ... + a_i).
-  causal = jnp.tril(jnp.ones((T, T), bool))
-  same = (runs[..., :, None] == runs[..., None, :]) & causal     # [B,C,T,T]
-  decay_TxT = jnp.exp(jnp.where(same[:, :, None, None], _segsum(a), -jnp.inf))
-  # Decay from the chunk's incoming state to each position.
-  from_start = jnp.where((runs == runs_before[..., None])[:, :, None, None],
-                         jnp.exp(jnp.cumsum(a, -1)), 0.0)        # [B,C,G,R,T]
-
-  scores = jnp.einsum("bcign,bcjgn->bcgij", Cm, Bm)
-  y_diag = jnp.einsum("bcgij,bcgrij,bcjgrp->bcigrp", scores, decay_TxT, xdt)
-  # Each chunk's own contribution to the state at its end.
-  states = jnp.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay_TxT[..., -1, :],
-                      Bm, xdt)
-
-  def carry(h_BxGxRxPxN, inp):
-    decay_BxGxR, state = inp
-    return decay_BxGxR[..., None, None] * h_BxGxRxPxN + state, h_BxGxRxPxN
-
-  h, h_in = jax.lax.scan(
-      carry, h0.reshape(Bsz, G, -1, P, N),
-      (jnp.moveaxis(from_start[..., -1], 1, 0), jnp.moveaxis(states, 1, 0)))
-  y_off = jnp.einsum("bcign,cbgrpn,bcgri->bcigrp", Cm, h_in, from_start)
-  y = (y_diag + y_off).reshape(Bsz, -1, H, P)
-  return y[:, :L], h.reshape(Bsz, H, P, N)
-
-
-SSD = Op(
-    "ssd",
-    impls={"chunked": Impl("chunked", _jit(ssd_chunked)),
-           "sequential": Impl("sequential", _jit(ssd_sequential))},
-    order={"default": ("chunked", "sequential")},
-)
-
-
-def ssd_flops_per_token(form: str, heads: int, head_dim: int, d_state: int,
-                        groups: int, chunk: int) -> float:
-  """Forward FLOPs per token of one SSD call.
-
-  sequential: per head, the state update (decay, x (x) B: 3 per element)
-  and read-out (2 per element) of the [P, N] state.
-  chunked (chunk T): C.B scores over the full T x T block per group
-  (2TN), the decay mask and weighted sum of values per head (T + 2TP),
-  chunk states and the read-out of the incoming state (2PN each), and the
-  state passing (2PN per chunk).
-  """
-  H, P, N, G, T = heads, head_dim, d_state, groups, chunk
-  per_form = {
-      "sequential": lambda: 5.0 * H * P * N,
-      "chunked": lambda: (2.0 * G * T * N + H * (T + 2.0 * T * P)
-                          + 4.0 * H * P * N + 2.0 * H * P * N / T),
-  }
-  return per_form[form]()

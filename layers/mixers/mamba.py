@@ -2,8 +2,9 @@
 
 Both follow the same block: project up to an inner width, a short causal
 depthwise conv + SiLU, an input-dependent (selective) linear recurrence
-from `layers.kernels.selective_scan`, a D skip, a SiLU gate, and a
-projection back down. Parameter names follow the reference code
+(`layers.kernels.selective_scan` for Mamba; decayed linear attention,
+`layers.kernels.linear_attention`, for Mamba-2), a D skip, a SiLU gate,
+and a projection back down. Parameter names follow the reference code
 (state-spaces/mamba), so `arches.hf_mamba` maps checkpoints one to one.
 """
 
@@ -15,11 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.kernels import Op
+from layers.kernels import linear_attention as la
 from layers.kernels.conv1d import causal_conv1d
-from layers.kernels.selective_scan import (SELECTIVE_SCAN, SSD,
-                                           s6_flops_per_token,
-                                           ssd_flops_per_token)
+from layers.kernels.selective_scan import SELECTIVE_SCAN, s6_flops_per_token
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.params import Dense, constant_init, fan_in_init, param
@@ -35,7 +34,7 @@ class SSMCache:
 
   conv: [B, d_conv - 1, channels], the last conv inputs (compute dtype).
   ssm: the recurrent state, fp32 ([B, d_inner, d_state] for Mamba,
-    [B, heads, head_dim, d_state] for Mamba-2).
+    [B, heads, d_state, head_dim] for Mamba-2).
   """
   conv: jax.Array
   ssm: jax.Array
@@ -46,12 +45,6 @@ def check_options(who: str, **ints) -> None:
   for name, value in ints.items():
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"{who}: {name} must be an int >= 1, got {value!r}")
-
-
-def check_kernel(who: str, op: Op, kernel: str) -> None:
-  if kernel != "auto" and kernel not in op.names():
-    raise ValueError(f"{who}: unknown kernel {kernel!r}; choose 'auto' or one "
-                     f"of {op.names()}")
 
 
 def dt_bias_init(dt_min: float, dt_max: float, floor: float = 1e-4):
@@ -138,7 +131,9 @@ class Mamba(Mixer):
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
     check_options("mamba", expand=expand, d_state=d_state, d_conv=d_conv,
                   dt_rank=dt_rank, chunk_size=chunk_size)
-    check_kernel("mamba", SELECTIVE_SCAN, kernel)
+    if kernel != "auto" and kernel not in SELECTIVE_SCAN.names():
+      raise ValueError(f"mamba: unknown kernel {kernel!r}; choose 'auto' or "
+                       f"one of {SELECTIVE_SCAN.names()}")
     d_inner = expand * d_model
     self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
     self.chunk_size, self.kernel = chunk_size, kernel
@@ -190,6 +185,20 @@ class Mamba(Mixer):
             + s6_flops_per_token(form, self.d_inner, self.d_state))
 
 
+def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, *, state, segment_ids,
+        form: str, chunk_size: int):
+  """Mamba-2's scan as what SSD shows it to be: causal linear attention
+  with a scalar log decay dt*A per head and step, queries C, keys B (each
+  head reads its group's, head h -> group h // (H/G)) and values dt*x.
+  Returns y [B, L, H, P] and the state [B, H, N, P], both fp32."""
+  per_head = lambda a: jnp.repeat(a, x_BxLxHxP.shape[2] // a.shape[2], axis=2)
+  return la.causal_linear_attention(
+      per_head(C_BxLxGxN), per_head(B_BxLxGxN),
+      x_BxLxHxP.astype(F32) * dt_BxLxH[..., None],
+      log_decay=(dt_BxLxH * A_H)[..., None], segment_ids=segment_ids,
+      state=state, form=form, chunk_size=chunk_size)
+
+
 class GatedRMSNorm(nnx.Module):
   """Mamba-2's output norm: RMSNorm(y * SiLU(z)) * weight, with the
   statistics taken per group of d_inner / groups channels (fp32)."""
@@ -217,16 +226,19 @@ class Mamba2(Mixer):
       h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t,
   out = out_proj(RMSNorm_grouped(y * SiLU(z))).
 
-  Cost: training O(L T (d_inner + n_groups d_state) + L d_inner d_state)
-  time with chunk T (the SSD chunked matrix form: quadratic inside a
-  chunk, a state passed between chunks); decode O(1) per token with a
-  constant state of d_inner * d_state (fp32) + (d_conv - 1) * (d_inner +
-  2 n_groups d_state) values. Packed segments reset the conv and the scan.
+  The scan is decayed causal linear attention (q = C, k = B, v = dt x,
+  log decay dt A), run by `layers.kernels.linear_attention`.
+
+  Cost: training O(L T heads (d_state + head_dim) + L d_inner d_state)
+  time with chunk T (the SSD chunked form: quadratic inside a chunk, a
+  state passed between chunks); decode O(1) per token with a constant
+  state of d_inner * d_state (fp32) + (d_conv - 1) * (d_inner + 2 n_groups
+  d_state) values. Packed segments reset the conv and the scan.
 
   Options: expand, d_state, head_dim (heads = expand * d_model /
-  head_dim), n_groups (of B/C and of the output norm), d_conv, chunk_size,
-  kernel ("auto" or an SSD form), use_bias, conv_bias, dt_min/dt_max,
-  norm_eps.
+  head_dim), n_groups (of B/C and of the output norm), d_conv, form
+  ("chunked", "parallel", "recurrent") and chunk_size of the scan,
+  use_bias, conv_bias, dt_min/dt_max, norm_eps.
   """
 
   info = MixerInfo(family="ssm", paper="Dao & Gu 2024, arXiv:2405.21060",
@@ -235,13 +247,13 @@ class Mamba2(Mixer):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, expand: int = 2,
                d_state: int = 128, head_dim: int = 64, n_groups: int = 1,
-               d_conv: int = 4, chunk_size: int = 256, kernel: str = "auto",
+               d_conv: int = 4, form: str = "chunked", chunk_size: int = 256,
                use_bias: bool = False, conv_bias: bool = True,
                dt_min: float = 1e-3, dt_max: float = 0.1,
                norm_eps: float = 1e-5):
     check_options("mamba2", expand=expand, d_state=d_state, head_dim=head_dim,
                   n_groups=n_groups, d_conv=d_conv, chunk_size=chunk_size)
-    check_kernel("mamba2", SSD, kernel)
+    la.check_form(form, chunk_size, "mamba2")
     d_inner = expand * d_model
     if d_inner % head_dim:
       raise ValueError(f"mamba2: d_inner = expand * d_model = {d_inner} is not "
@@ -252,7 +264,7 @@ class Mamba2(Mixer):
                        f"n_groups={n_groups}")
     self.d_inner, self.d_state, self.heads = d_inner, d_state, heads
     self.head_dim, self.n_groups = head_dim, n_groups
-    self.chunk_size, self.kernel = chunk_size, kernel
+    self.chunk_size, self.form = chunk_size, form
     bc = 2 * n_groups * d_state
     self.in_proj = Dense(d_model, (2, d_inner), in_axes=("embed",),
                          out_axes=(None, "mlp"), rngs=rngs, use_bias=use_bias)
@@ -282,12 +294,12 @@ class Mamba2(Mixer):
         None if cache is None else cache.conv, segment_ids)
     xs_BxLxHxP = xbc[..., :I].reshape(Bsz, L, H, P)
     dt = jax.nn.softplus(bcdt[..., 2 * G * N:].astype(F32) + self.dt_bias[...])
-    ssd = SSD.choose(self.kernel)
-    y, h = ssd.fn(xs_BxLxHxP, dt, -jnp.exp(self.A_log[...]),
-                  xbc[..., I:I + G * N].reshape(Bsz, L, G, N),
-                  xbc[..., I + G * N:].reshape(Bsz, L, G, N),
-                  h0=None if cache is None else cache.ssm,
-                  reset_BxL=resets(segment_ids), chunk_size=self.chunk_size)
+    y, h = ssd(xs_BxLxHxP, dt, -jnp.exp(self.A_log[...]),
+               xbc[..., I:I + G * N].reshape(Bsz, L, G, N),
+               xbc[..., I + G * N:].reshape(Bsz, L, G, N),
+               state=None if cache is None else cache.ssm,
+               segment_ids=segment_ids, form=self.form,
+               chunk_size=self.chunk_size)
     y = y + xs_BxLxHxP.astype(F32) * self.D[...][:, None]
     y = self.norm(y.reshape(Bsz, L, I), xz_BxLx2xI[:, :, 1])
     out = self.out_proj(y.astype(x.dtype))
@@ -296,13 +308,12 @@ class Mamba2(Mixer):
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     del max_len  # the state does not grow with length
     return SSMCache(self.conv.init_state(batch_size, dtype),
-                    jnp.zeros((batch_size, self.heads, self.head_dim,
-                               self.d_state), F32))
+                    jnp.zeros((batch_size, self.heads, self.d_state,
+                               self.head_dim), F32))
 
   def flops_per_token(self, seq_len):
-    form = SSD.choose(self.kernel).name
-    chunk = min(self.chunk_size, seq_len)
     return (dense_flops(self.in_proj, self.bcdt_proj, self.out_proj)
             + self.conv.flops_per_token()
-            + ssd_flops_per_token(form, self.heads, self.head_dim,
-                                  self.d_state, self.n_groups, chunk))
+            + self.heads * la.flops_per_token(self.form, seq_len,
+                                              self.chunk_size, self.d_state,
+                                              self.head_dim))
