@@ -108,8 +108,8 @@ class Mamba(Mixer):
       h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t h_t + D x_t,
   out = out_proj(y * SiLU(z)).
 
-  Cost: training O(L d_inner d_state) time (a chunked scan, see
-  `layers.kernels.selective_scan`); decode O(1) per token with a constant
+  Cost: training O(L d_inner d_state) time (a sequential or chunked scan,
+  see `layers.kernels.selective_scan`); decode O(1) per token with a constant
   state of d_inner * d_state (fp32) + (d_conv - 1) * d_inner values.
   Packed segments reset both the conv taps and the scan state.
 
