@@ -5,8 +5,8 @@ h_t [B, L, C] and the last state [B, C], all in fp32 (a product of many
 decays in bf16 drifts within a few hundred steps):
 
   * "associative": `lax.associative_scan` over (a, b) pairs, O(log L)
-    depth, O(L) work; the training form.
-  * "sequential": `lax.scan`, one step at a time; the decode form and the
+    depth, O(L) work; the form for GPUs/TPUs.
+  * "sequential": `lax.scan`, one step at a time; the CPU form, and the
     reference the other is checked against.
 
 `scan_chunks` runs a chunk function over fixed-size chunks with a carried
@@ -58,7 +58,10 @@ LINEAR_RECURRENCE = Op(
     "linear_recurrence",
     impls={"associative": Impl("associative", associative),
            "sequential": Impl("sequential", sequential)},
-    order={"default": ("associative", "sequential")},
+    # On CPU a plain scan beats the associative scan's extra work and depth
+    # bookkeeping; wide devices want the O(log L)-depth form.
+    order={"cpu": ("sequential", "associative"),
+           "default": ("associative", "sequential")},
 )
 
 

@@ -136,5 +136,7 @@ WKV4 = Op(
     "wkv4",
     impls={"chunked": Impl("chunked", wkv4_chunked),
            "recurrent": Impl("recurrent", wkv4_recurrent)},
-    order={"default": ("chunked", "recurrent")},
+    # On CPU the steps run serially either way, and the chunked form does
+    # ~T times the work; wide devices want the chunk-parallel form.
+    order={"cpu": ("recurrent", "chunked"), "default": ("chunked", "recurrent")},
 )
