@@ -10,7 +10,7 @@ decays in bf16 drifts within a few hundred steps):
     reference the other is checked against.
 
 `scan_chunks` runs a chunk function over fixed-size chunks with a carried
-state (the chunked forms of the WKV kernels use it).
+state (the chunked RWKV-4 WKV uses it).
 """
 
 from __future__ import annotations
