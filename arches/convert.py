@@ -17,6 +17,13 @@ from flax import nnx
 from arches.lm import DecoderLM, LMConfig
 
 
+def to_numpy(t) -> np.ndarray:
+  """fp32 numpy from a torch tensor (read without importing torch) or array."""
+  if hasattr(t, "detach"):
+    t = t.detach().float().cpu().numpy()
+  return np.asarray(t, np.float32)
+
+
 def _paths(tree) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(p): v for p, v in flat}

@@ -19,13 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arches.convert import to_numpy
 from arches.lm import DecoderLM, LMConfig
-
-
-def _numpy(t) -> np.ndarray:
-  if hasattr(t, "detach"):  # a torch tensor
-    t = t.detach().cpu().float().numpy()
-  return np.asarray(t, np.float32)
 
 
 class _Loader:
@@ -33,7 +28,7 @@ class _Loader:
   checking shapes and that nothing is left over on either side."""
 
   def __init__(self, state_dict: Mapping, model: DecoderLM):
-    self.tensors = {k: _numpy(v) for k, v in state_dict.items()}
+    self.tensors = {k: to_numpy(v) for k, v in state_dict.items()}
     self.unset = {id(v): path for path, v in nnx.iter_graph(model)
                   if isinstance(v, nnx.Param)}
 

@@ -15,7 +15,7 @@ projection) have no mixer here yet: a config whose block_types contain
 
 from __future__ import annotations
 
-from arches.convert import model_from_params
+from arches.convert import model_from_params, to_numpy
 from arches.lm import DecoderLM, LMConfig
 
 GELU_TANH = "gelu_pytorch_tanh"
@@ -64,7 +64,7 @@ def _recurrent(sd, p):
 
 
 def params_from_hf(hf_model) -> dict:
-  sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+  sd = {k: to_numpy(v) for k, v in hf_model.state_dict().items()}
   blocks = {}
   for i in range(hf_model.config.num_hidden_layers):
     p = f"model.layers.{i}"

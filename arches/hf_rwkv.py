@@ -10,9 +10,8 @@ converter reads `state_dict()` tensors through numpy.
 
 from __future__ import annotations
 
-import numpy as np
 
-from arches.convert import model_from_params
+from arches.convert import model_from_params, to_numpy
 from arches.lm import DecoderLM, LMConfig
 
 # torch.nn.LayerNorm's default eps, which transformers' RWKV uses for ln_out
@@ -52,7 +51,7 @@ def params_from_hf(hf_model) -> dict:
     raise ValueError("the RWKV weights were rescaled in place by an "
                      "inference forward with rescale_every > 0; convert "
                      "before running the model, or set rescale_every=0")
-  sd = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
+  sd = {k: to_numpy(v) for k, v in hf_model.state_dict().items()}
   flat = lambda a: a.reshape(-1)  # time_mix_* are [1, 1, d]
   blocks = {}
   for i in range(hf_model.config.num_hidden_layers):
