@@ -1,6 +1,6 @@
 """Building blocks shared by the state-space and long-convolution mixers
 (S4, S4D, DSS, S5, H3, Hyena): complex parameters, HiPPO / S4D
-initializations, the S4D diagonal SSM, a causal short convolution with a
+initializations, diagonal SSMs (S4D and a base for DSS), a causal short convolution with a
 decode state, gated output mixing and the fp32 state cache.
 
 The numerical cores (kernels, scans, FFT convolution) live in
@@ -161,11 +161,11 @@ class DiagonalLTI(nnx.Module):
     return SSMState.zeros(tuple(batch_shape) + self.modes)
 
   def flops_per_token(self, seq_len: int, copies: int = 1) -> float:
-    """Kernel generation (exp and product per mode and position, amortized
-    over the sequence) plus `copies` input channels per SSM channel through
-    the FFT convolution and the skip."""
+    """Kernel generation (per mode and position a complex exp, product and
+    sum, ~16 real FLOPs) plus `copies` input channels per SSM channel
+    through the FFT convolution and the skip."""
     H, modes = self.modes
-    return H * (8.0 * modes + copies * (fft_conv_flops(seq_len) + 2.0))
+    return H * (16.0 * modes + copies * (fft_conv_flops(seq_len) + 2.0))
 
 
 class S4DSSM(DiagonalLTI):

@@ -12,9 +12,12 @@ from layers.kernels.fftconv import causal_conv, conv_rows
 from layers.kernels.ssm import (diag_scan, discretize_diag, dplr_kernel,
                                 vandermonde_kernel)
 from layers.mixers.dss import inv_geometric_sum
-from layers.ssm import S4DSSM, ShortConv, hippo_legs_nplr, s4d_eigenvalues
+from layers.ssm import ShortConv, hippo_legs_nplr, s4d_eigenvalues
 
+# The contract suite's shapes and the mixers' default sizes, so that compiled
+# programs are shared with it when the suite runs in one process.
 B, L, D = 2, 16, 32
+WIDE_DT = {"dt_min": 0.05, "dt_max": 0.5}   # steps large enough to matter
 
 
 def rel(a, b):
@@ -41,10 +44,10 @@ def pair(p):
 
 
 def naive_conv(u, k):
-  """y[:, t] = sum_{s<=t} k[t-s] u[:, s], float64 loops."""
+  """y[:, t] = sum_{t-len(k) < s <= t} k[t-s] u[:, s], float64 loops."""
   y = np.zeros(u.shape[:2] + np.broadcast_shapes(u.shape[2:], k.shape[1:]))
   for t in range(u.shape[1]):
-    for s in range(t + 1):
+    for s in range(max(0, t + 1 - len(k)), t + 1):
       y[:, t] += k[t - s] * u[:, s]
   return y
 
@@ -168,12 +171,11 @@ def test_s4d_init_formulas():
 
 @pytest.mark.parametrize("init,method", [("lin", "zoh"), ("inv", "bilinear")])
 def test_s4d_forms_match_naive(init, method):
-  core = S4DSSM(4, 8, rngs=nnx.Rngs(0), init=init, discretization=method,
-                dt_min=0.05, dt_max=0.5)
-  u = rng(5).standard_normal((B, L, 4))
+  core = mixers.build("s4d", D, rngs=nnx.Rngs(0), init=init,
+                      discretization=method, **WIDE_DT).core
+  u = rng(5).standard_normal((B, L, D))
   Abar, Bbar, C = s4d_numpy(core)
-  D = np.asarray(core.D[...], np.float64)
-  ref = naive_diag_ssm(Abar, Bbar, C, u) + D * u
+  ref = naive_diag_ssm(Abar, Bbar, C, u) + np.asarray(core.D[...], np.float64) * u
   u32 = jnp.asarray(u, jnp.float32)
   assert rel(core(u32), ref) < 1e-5
   core.kernel = "direct"
@@ -222,11 +224,12 @@ def test_s4_kernels_match_naive_dplr_recurrence():
 
 
 def test_s4_full_matches_recurrence():
-  m = mixers.build("s4", D, rngs=nnx.Rngs(0), state_dim=8, dt_min=0.05, dt_max=0.5)
+  m = mixers.build("s4", D, rngs=nnx.Rngs(0), **WIDE_DT)
   u = jnp.asarray(rng(7).standard_normal((B, L, D)), jnp.float32)
-  full = m.core(u)
   y, _ = m.core.step(u, m.core.init_state((B,)))
-  assert rel(full, y) < 1e-5
+  # The Cauchy path subtracts Woodbury terms ~|P|^2 ~ N^2/2 larger than the
+  # kernel, so in fp32 it is the least exact form (see the S4 docstring).
+  assert rel(m.core(u), y) < 5e-5
   m.core.dplr_kernel = "dense"
   assert rel(m.core(u), y) < 1e-5
 
@@ -246,8 +249,7 @@ def test_dss_kernel_matches_paper_softmax():
   """K = Re(w Lambda^-1 row-softmax(P)), P_{n,l} = lambda_n l dt, with the
   paper's max-subtracted softmax, over conjugate pairs, at L = norm_len;
   one mode has Re(lambda) > 0, which DSS-softmax allows."""
-  m = mixers.build("dss", D, rngs=nnx.Rngs(0), state_dim=8, norm_len=L,
-                   dt_min=0.05, dt_max=0.5)
+  m = mixers.build("dss", D, rngs=nnx.Rngs(0), norm_len=L, **WIDE_DT)
   core = m.core
   core.lambda_re[...] = core.lambda_re[...].at[:, 0].set(0.7)
   lam = np.asarray(core.lambda_re[...], np.float64) + 1j * np.asarray(core.lambda_im[...])
@@ -268,8 +270,7 @@ def test_dss_kernel_matches_paper_softmax():
 
 @pytest.mark.parametrize("method", ["zoh", "bilinear"])
 def test_s5_scans_match_naive_mimo_recurrence(method):
-  m = mixers.build("s5", D, rngs=nnx.Rngs(0), state_dim=8, discretization=method,
-                   dt_min=0.05, dt_max=0.5)
+  m = mixers.build("s5", D, rngs=nnx.Rngs(0), discretization=method, **WIDE_DT)
   u = rng(9).standard_normal((B, L, D))
   A = -np.exp(np.asarray(m.lambda_log_re[...], np.float64)) + 1j * np.asarray(m.lambda_im[...])
   dt = np.exp(np.asarray(m.log_dt[...], np.float64))
@@ -295,12 +296,10 @@ def test_s5_scans_match_naive_mimo_recurrence(method):
 
 
 def test_h3_matches_naive_multihead():
-  m = mixers.build("h3", D, rngs=nnx.Rngs(0), head_dim=4, state_dim=8,
-                   shift_dim=3, dt_min=0.05, dt_max=0.5)
+  m = mixers.build("h3", D, rngs=nnx.Rngs(0), **WIDE_DT)
   x = jnp.asarray(rng(10).standard_normal((B, L, D)), jnp.float32)
   q, k, v = (np.asarray(f(x), np.float64) for f in (m.q, m.k, m.v))  # [B,L,H,d]
-  taps = np.asarray(m.shift.taps[...], np.float64)
-  kbar = naive_conv(k, np.concatenate([taps, np.zeros((L - 3,) + taps.shape[1:])]))
+  kbar = naive_conv(k, np.asarray(m.shift.taps[...], np.float64))
   kv = np.einsum("blhi,blhj->blijh", kbar, v)
   Abar, Bbar, C = s4d_numpy(m.ssm)
   s = naive_diag_ssm(Abar, Bbar, C, kv) + np.asarray(m.ssm.D[...], np.float64) * kv
@@ -312,8 +311,7 @@ def test_h3_matches_naive_multihead():
 def test_short_conv_pieces_match_naive():
   conv = ShortConv((2, 3), 4, rngs=nnx.Rngs(0), axes=(None, "embed"))
   x = rng(11).standard_normal((B, L, 2, 3))
-  taps = np.asarray(conv.taps[...], np.float64)
-  ref = naive_conv(x, np.concatenate([taps, np.zeros((L - 4, 2, 3))]))
+  ref = naive_conv(x, np.asarray(conv.taps[...], np.float64))
   ref = ref + np.asarray(conv.bias[...], np.float64)
   x32 = jnp.asarray(x, jnp.float32)
   y, _ = conv(x32)
@@ -328,13 +326,10 @@ def test_short_conv_pieces_match_naive():
 
 @pytest.mark.parametrize("order", [2, 3])
 def test_hyena_matches_naive(order):
-  m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=order, filter_width=16,
-                   filter_scale=8)
+  m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=order, filter_scale=8)
   x = jnp.asarray(rng(12).standard_normal((B, L, D)), jnp.float32)
   u = np.asarray(m.in_proj(x), np.float64)                    # [B, L, N+1, D]
-  taps = np.asarray(m.short.taps[...], np.float64)
-  w = taps.shape[0]
-  u = naive_conv(u, np.concatenate([taps, np.zeros((L - w,) + taps.shape[1:])]))
+  u = naive_conv(u, np.asarray(m.short.taps[...], np.float64))
   u = u + np.asarray(m.short.bias[...], np.float64)
   h = np.asarray(m.filter(L), np.float64)                     # [L, N-1, D]
   bias = np.asarray(m.bias[...], np.float64)
@@ -347,7 +342,7 @@ def test_hyena_matches_naive(order):
 
 
 def test_hyena_filter_is_defined_for_any_length():
-  m = mixers.build("hyena", D, rngs=nnx.Rngs(0), filter_width=16, filter_scale=8)
+  m = mixers.build("hyena", D, rngs=nnx.Rngs(0), filter_scale=8)
   long = m.filter(4 * L)                  # well past filter_scale
   assert np.isfinite(np.asarray(long)).all()
   assert rel(m.filter(L), long[:L]) < 1e-6

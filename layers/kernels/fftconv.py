@@ -15,6 +15,7 @@ Impls:
     (without the padding the output at t would see inputs after t).
   "direct": O(L^2) per channel, a Toeplitz matrix product; exact up to
     fp32 summation and the reference the FFT is tested against.
+Both are jitted, so an eager call compiles one program.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from layers.kernels import Impl, Op
 
 
+@jax.jit
 def _fft(u: jax.Array, k: jax.Array) -> jax.Array:
   L = u.shape[1]
   n = 2 * L
@@ -35,6 +37,7 @@ def _fft(u: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.fft.irfft(u_f * k_f, n=n, axis=1)[:, :L]
 
 
+@jax.jit
 def conv_rows(u: jax.Array, k: jax.Array, rows: jax.Array) -> jax.Array:
   """Outputs at time indices `rows` [R] of the causal convolution of
   u [B, S, *C] with k [>=S, *C']: y[:, r] = sum_{s <= rows[r]} k[rows[r]-s] u[:, s].

@@ -7,7 +7,9 @@ convolution of u with the kernel K_l = C Abar^l Bbar. Real systems are kept
 as N/2 complex modes of conjugate pairs, so outputs are 2 Re(...).
 
 Everything here runs in fp32 / complex64 whatever the activation dtype:
-powers Abar^l and long recurrences drift in bf16.
+powers Abar^l and long recurrences drift in bf16. The array functions are
+jitted (lengths static) so eager calls compile one program each, not one
+per primitive; inside an outer jit they inline.
 
 Ops with interchangeable pure-JAX forms (a Pallas kernel slots in as another
 impl):
@@ -21,6 +23,8 @@ impl):
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +64,7 @@ def discretize_diag(dt: jax.Array, A: jax.Array, method: str):
   return DISCRETIZATIONS[check_discretization(method)](dt, A)
 
 
+@jax.jit
 def bilinear_dense(dt: jax.Array, A: jax.Array, B: jax.Array):
   """Dense bilinear discretization. dt [...], A [..., N, N], B [..., N] ->
   Abar = (I - dt/2 A)^-1 (I + dt/2 A), Bbar = (I - dt/2 A)^-1 dt B."""
@@ -73,6 +78,7 @@ def bilinear_dense(dt: jax.Array, A: jax.Array, B: jax.Array):
 # -- diagonal kernels ---------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="length")
 def vandermonde_kernel(log_a: jax.Array, w: jax.Array, length: int) -> jax.Array:
   """K[l, ...] = 2 Re(sum_n w[..., n] exp(l log_a[..., n])) for l < length.
 
@@ -101,6 +107,7 @@ def diag_recurrence(log_a, b, c, u, x0, kernel: str = "sequential"):
 # -- linear scans -------------------------------------------------------------
 
 
+@jax.jit
 def _sequential(a, b, h0):
   a = jnp.broadcast_to(a, b.shape)
 
@@ -118,6 +125,7 @@ def _combine(left, right):
   return a1 * a2, a2 * b1 + b2
 
 
+@jax.jit
 def _associative(a, b, h0):
   a = jnp.broadcast_to(a, b.shape)
   # Fold the initial state into the first input: h_0 = a_0 h0 + b_0.
@@ -164,6 +172,7 @@ def krylov(Abar: jax.Array, b: jax.Array, length: int) -> jax.Array:
   return out[:length]
 
 
+@functools.partial(jax.jit, static_argnames="length")
 def _dplr_dense(Lambda, P, B, C, dt, length):
   Abar, Bbar = bilinear_dense(dt, dplr_matrix(Lambda, P), B)
   states = krylov(Abar, Bbar, length)                           # [L, H, N]
@@ -171,6 +180,7 @@ def _dplr_dense(Lambda, P, B, C, dt, length):
                           precision=jax.lax.Precision.HIGHEST).real
 
 
+@functools.partial(jax.jit, static_argnames="length")
 def _dplr_cauchy(Lambda, P, B, C, dt, length):
   # sum_{l<L} C Abar^l Bbar z^l = C (I - Abar^L) (I - Abar z)^-1 Bbar at
   # z^L = 1, and with the bilinear Abar, Bbar:
@@ -196,6 +206,7 @@ def _dplr_cauchy(Lambda, P, B, C, dt, length):
   return 2.0 * jnp.fft.ifft(g, axis=0).real
 
 
+@jax.jit
 def dense_recurrence(Abar, Bbar, C, u, x0):
   """x_t = Abar x_{t-1} + Bbar u_t, y_t = 2 Re(C x_t), per channel, in
   complex64: Abar [H, N, N]; Bbar, C [H, N]; u [B, L, H]; x0 [B, H, N].
