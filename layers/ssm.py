@@ -1,7 +1,8 @@
 """Building blocks shared by the state-space and long-convolution mixers
 (S4, S4D, DSS, S5, H3, Hyena): complex parameters, HiPPO / S4D
-initializations, diagonal SSMs (S4D and a base for DSS), a causal short convolution with a
-decode state, gated output mixing and the fp32 state cache.
+initializations, diagonal SSMs (S4D, and the base DSS builds on), a causal
+short convolution with a decode state, gated output mixing and the fp32
+state cache.
 
 The numerical cores (kernels, scans, FFT convolution) live in
 `layers.kernels.ssm` and `layers.kernels.fftconv`.

@@ -33,13 +33,13 @@ def cnormal(r, shape, scale=1.0):
   return scale * (r.standard_normal(shape) + 1j * r.standard_normal(shape))
 
 
-def np_params(tree):
-  return jax.tree.map(lambda p: np.asarray(p[...], np.float64), tree,
-                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+def f64(p):
+  return np.asarray(p[...], np.float64)
 
 
 def pair(p):
-  v = np.asarray(p[...], np.float64)
+  """A complex parameter stored as (re, im) pairs, as complex128."""
+  v = f64(p)
   return v[..., 0] + 1j * v[..., 1]
 
 
@@ -152,8 +152,8 @@ def test_discretization_name_is_checked():
 
 def s4d_numpy(core):
   """Abar, Bbar, C (float64) from an S4DSSM's parameters, by the paper."""
-  A = -np.exp(np.asarray(core.a_log[...], np.float64)) + 1j * np.asarray(core.a_imag[...])
-  dt = np.exp(np.asarray(core.log_dt[...], np.float64))[:, None]
+  A = -np.exp(f64(core.a_log)) + 1j * f64(core.a_imag)
+  dt = np.exp(f64(core.log_dt))[:, None]
   if core.discretization == "zoh":
     Abar, Bbar = np.exp(dt * A), np.expm1(dt * A) / A
   else:
@@ -175,7 +175,7 @@ def test_s4d_forms_match_naive(init, method):
                       discretization=method, **WIDE_DT).core
   u = rng(5).standard_normal((B, L, D))
   Abar, Bbar, C = s4d_numpy(core)
-  ref = naive_diag_ssm(Abar, Bbar, C, u) + np.asarray(core.D[...], np.float64) * u
+  ref = naive_diag_ssm(Abar, Bbar, C, u) + f64(core.D) * u
   u32 = jnp.asarray(u, jnp.float32)
   assert rel(core(u32), ref) < 1e-5
   core.kernel = "direct"
@@ -252,8 +252,8 @@ def test_dss_kernel_matches_paper_softmax():
   m = mixers.build("dss", D, rngs=nnx.Rngs(0), norm_len=L, **WIDE_DT)
   core = m.core
   core.lambda_re[...] = core.lambda_re[...].at[:, 0].set(0.7)
-  lam = np.asarray(core.lambda_re[...], np.float64) + 1j * np.asarray(core.lambda_im[...])
-  dt = np.exp(np.asarray(core.log_dt[...], np.float64))[:, None, None]
+  lam = f64(core.lambda_re) + 1j * f64(core.lambda_im)
+  dt = np.exp(f64(core.log_dt))[:, None, None]
   Pm = lam[..., None] * dt * np.arange(L)                   # [H, N/2, L]
   Pm = Pm - np.take_along_axis(Pm, Pm.real.argmax(-1)[..., None], -1)
   S = np.exp(Pm) / np.exp(Pm).sum(-1, keepdims=True)
@@ -272,8 +272,8 @@ def test_dss_kernel_matches_paper_softmax():
 def test_s5_scans_match_naive_mimo_recurrence(method):
   m = mixers.build("s5", D, rngs=nnx.Rngs(0), discretization=method, **WIDE_DT)
   u = rng(9).standard_normal((B, L, D))
-  A = -np.exp(np.asarray(m.lambda_log_re[...], np.float64)) + 1j * np.asarray(m.lambda_im[...])
-  dt = np.exp(np.asarray(m.log_dt[...], np.float64))
+  A = -np.exp(f64(m.lambda_log_re)) + 1j * f64(m.lambda_im)
+  dt = np.exp(f64(m.log_dt))
   if method == "zoh":
     Abar, scale = np.exp(dt * A), np.expm1(dt * A) / A
   else:
@@ -283,7 +283,7 @@ def test_s5_scans_match_naive_mimo_recurrence(method):
   for t in range(L):
     x = Abar * x + u[:, t] @ Bbar.T
     ys.append(2 * (x @ C.T).real)
-  ssm = np.stack(ys, 1) + np.asarray(m.D[...], np.float64) * u
+  ssm = np.stack(ys, 1) + f64(m.D) * u
   g = jax.nn.gelu(jnp.asarray(ssm, jnp.float32))
   ref = g * jax.nn.sigmoid(m.out.proj(g)[..., 0, :])
   u32 = jnp.asarray(u, jnp.float32)
@@ -299,10 +299,10 @@ def test_h3_matches_naive_multihead():
   m = mixers.build("h3", D, rngs=nnx.Rngs(0), **WIDE_DT)
   x = jnp.asarray(rng(10).standard_normal((B, L, D)), jnp.float32)
   q, k, v = (np.asarray(f(x), np.float64) for f in (m.q, m.k, m.v))  # [B,L,H,d]
-  kbar = naive_conv(k, np.asarray(m.shift.taps[...], np.float64))
+  kbar = naive_conv(k, f64(m.shift.taps))
   kv = np.einsum("blhi,blhj->blijh", kbar, v)
   Abar, Bbar, C = s4d_numpy(m.ssm)
-  s = naive_diag_ssm(Abar, Bbar, C, kv) + np.asarray(m.ssm.D[...], np.float64) * kv
+  s = naive_diag_ssm(Abar, Bbar, C, kv) + f64(m.ssm.D) * kv
   o = np.einsum("blhi,blijh->blhj", q, s)
   ref = m.o(jnp.asarray(o, jnp.float32))
   assert rel(m(x), ref) < 1e-5
@@ -311,8 +311,8 @@ def test_h3_matches_naive_multihead():
 def test_short_conv_pieces_match_naive():
   conv = ShortConv((2, 3), 4, rngs=nnx.Rngs(0), axes=(None, "embed"))
   x = rng(11).standard_normal((B, L, 2, 3))
-  ref = naive_conv(x, np.asarray(conv.taps[...], np.float64))
-  ref = ref + np.asarray(conv.bias[...], np.float64)
+  ref = naive_conv(x, f64(conv.taps))
+  ref = ref + f64(conv.bias)
   x32 = jnp.asarray(x, jnp.float32)
   y, _ = conv(x32)
   assert rel(y, ref) < 1e-5
@@ -329,10 +329,10 @@ def test_hyena_matches_naive(order):
   m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=order, filter_scale=8)
   x = jnp.asarray(rng(12).standard_normal((B, L, D)), jnp.float32)
   u = np.asarray(m.in_proj(x), np.float64)                    # [B, L, N+1, D]
-  u = naive_conv(u, np.asarray(m.short.taps[...], np.float64))
-  u = u + np.asarray(m.short.bias[...], np.float64)
+  u = naive_conv(u, f64(m.short.taps))
+  u = u + f64(m.short.bias)
   h = np.asarray(m.filter(L), np.float64)                     # [L, N-1, D]
-  bias = np.asarray(m.bias[...], np.float64)
+  bias = f64(m.bias)
   z = u[:, :, order]
   for n in range(order - 1):
     z = z * u[:, :, order - 1 - n]

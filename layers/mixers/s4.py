@@ -75,8 +75,9 @@ class S4(LTIMixer):
   Structured State Spaces", arXiv:2111.00396).
 
   Per channel, an N-state SSM (kept as N/2 complex modes, output 2 Re(.))
-  with the DPLR state matrix A = diag(Lambda) - P P^* (rank 1, P = Q as in
-  the later S4 code, which keeps Re(A) stable), bilinear discretization
+  with the DPLR state matrix A = diag(Lambda) - P P^* (rank 1; P = Q as in
+  the later S4 code: with Re(Lambda) < 0, A + A^* is negative definite, so
+  A stays stable), bilinear discretization
   Abar = (I - dt/2 A)^-1 (I + dt/2 A), Bbar = (I - dt/2 A)^-1 dt B, and
   y = K * u + D u with K_l = 2 Re(C Abar^l Bbar); output GLU(W GELU(y)).
   HiPPO-LegS init; the half system with its own rank-1 term, as in the
