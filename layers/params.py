@@ -85,9 +85,10 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding; `attend` gives tied output logits."""
 
-  def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
-    self.embedding = param(rngs, fan_in_init(1, 1.0), (vocab_size, d_model),
-                           ("vocab", "embed"))
+  def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
+               init: Init | None = None):
+    self.embedding = param(rngs, init or fan_in_init(1, 1.0),
+                           (vocab_size, d_model), ("vocab", "embed"))
 
   def __call__(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
