@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from layers.kernels import Op
+from layers.kernels.conv1d import causal_conv1d
 from layers.kernels.fftconv import causal_conv, fft_conv_flops
 from layers.kernels.ssm import (check_discretization, diag_recurrence,
                                 discretize_diag, vandermonde_kernel)
@@ -201,10 +202,15 @@ class S4DSSM(DiagonalLTI):
 # -- short causal convolution -------------------------------------------------
 
 
+# Jitted so an eager call compiles one program rather than a slice per tap.
+_conv1d = jax.jit(causal_conv1d)
+
+
 class ShortConv(nnx.Module):
-  """Depthwise causal convolution y_t = sum_{i<width} w_i x_{t-i} (+ bias)
-  over channel shape `channels`, with the last width-1 inputs as decode
-  state. Computes in the input dtype."""
+  """Depthwise causal convolution over a multi-axis channel shape:
+  y_t = sum_{k<width} w_k x_{t-width+1+k} (+ bias), w_{width-1} on the
+  current input (the `layers.kernels.conv1d` convention), with the last
+  width-1 inputs as decode state. Accumulates in fp32, returns x's dtype."""
 
   def __init__(self, channels: tuple[int, ...], width: int, *, rngs: nnx.Rngs,
                axes: tuple[str | None, ...], use_bias: bool = True):
@@ -220,22 +226,11 @@ class ShortConv(nnx.Module):
   def __call__(self, x: jax.Array, state: jax.Array | None = None):
     """x [B, L, *channels]; state [B, width-1, *channels] (zeros when
     None). Returns y like x and the new state."""
-    B, L = x.shape[:2]
-    chans = x.shape[2:]
-    if state is None:
-      state = jnp.zeros((B, self.width - 1) + chans, x.dtype)
-    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
-    C = math.prod(chans)
-    # lax.conv correlates: reverse the taps so tap i meets x_{t-i}.
-    w = jnp.flip(self.taps[...], 0).reshape(self.width, 1, C).astype(x.dtype)
-    y = jax.lax.conv_general_dilated(
-        padded.reshape(B, L + self.width - 1, C), w, window_strides=(1,),
-        padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=C, precision=jax.lax.Precision.HIGHEST)
-    y = y.reshape(x.shape)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(x.dtype)
-    return y, padded[:, padded.shape[1] - (self.width - 1):]
+    flat = lambda a: a.reshape(a.shape[:2] + (-1,))
+    bias = None if self.bias is None else self.bias[...].reshape(-1)
+    y, state = _conv1d(flat(x), self.taps[...].reshape(self.width, -1), bias,
+                       None if state is None else flat(state))
+    return y.reshape(x.shape), state.reshape(state.shape[:2] + x.shape[2:])
 
   def flops_per_token(self) -> float:
     return 2.0 * self.taps.size

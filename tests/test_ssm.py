@@ -299,7 +299,7 @@ def test_h3_matches_naive_multihead():
   m = mixers.build("h3", D, rngs=nnx.Rngs(0), **WIDE_DT)
   x = jnp.asarray(rng(10).standard_normal((B, L, D)), jnp.float32)
   q, k, v = (np.asarray(f(x), np.float64) for f in (m.q, m.k, m.v))  # [B,L,H,d]
-  kbar = naive_conv(k, f64(m.shift.taps))
+  kbar = naive_conv(k, f64(m.shift.taps)[::-1])
   kv = np.einsum("blhi,blhj->blijh", kbar, v)
   Abar, Bbar, C = s4d_numpy(m.ssm)
   s = naive_diag_ssm(Abar, Bbar, C, kv) + f64(m.ssm.D) * kv
@@ -311,7 +311,7 @@ def test_h3_matches_naive_multihead():
 def test_short_conv_pieces_match_naive():
   conv = ShortConv((2, 3), 4, rngs=nnx.Rngs(0), axes=(None, "embed"))
   x = rng(11).standard_normal((B, L, 2, 3))
-  ref = naive_conv(x, f64(conv.taps))
+  ref = naive_conv(x, f64(conv.taps)[::-1])
   ref = ref + f64(conv.bias)
   x32 = jnp.asarray(x, jnp.float32)
   y, _ = conv(x32)
@@ -329,7 +329,7 @@ def test_hyena_matches_naive(order):
   m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=order, filter_scale=8)
   x = jnp.asarray(rng(12).standard_normal((B, L, D)), jnp.float32)
   u = np.asarray(m.in_proj(x), np.float64)                    # [B, L, N+1, D]
-  u = naive_conv(u, f64(m.short.taps))
+  u = naive_conv(u, f64(m.short.taps)[::-1])
   u = u + f64(m.short.bias)
   h = np.asarray(m.filter(L), np.float64)                     # [L, N-1, D]
   bias = f64(m.bias)

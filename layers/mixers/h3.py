@@ -29,8 +29,8 @@ class H3(Mixer):
 
   Q, K, V = x W_q, x W_k, x W_v (heads x head_dim). Per head:
     K~ = SSM_shift(K):  K~_t = sum_{i<shift_dim} c_i K_{t-i}  (shift matrix A,
-                        B = e_1: a learned causal conv; its tap 0 is the
-                        paper's skip D_k)
+                        B = e_1: a learned causal depthwise conv; its tap
+                        on K_t is the paper's skip D_k)
     S_t = SSM_diag(K~ V^T)_t   (an S4D SSM per head, shared by the
                         head_dim x head_dim channels of the outer product,
                         with skip D)
