@@ -110,7 +110,7 @@ def s4d_eigenvalues(init: str, state_dim: int) -> np.ndarray:
   return -0.5 + 1j * imag[init]()
 
 
-# -- diagonal SSMs -----------------------------------------------------
+# -- diagonal SSMs ------------------------------------------------------------
 
 
 @struct.dataclass
