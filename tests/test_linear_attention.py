@@ -1,7 +1,6 @@
 """Linear / kernelized / decayed mixers: every form against the others and
 against a direct O(L^2) reading of each paper's equation (numpy, float64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
