@@ -9,7 +9,10 @@ L x L score matrix is ever formed.
 
 Each pattern is written in absolute key indices, so the full call and the
 incremental call run the same code: the incremental call passes the cache
-as keys and the cache position as `q_start`.
+(or the unrolled ring) as keys and the first query's key index as
+`q_start`. Only the strided columns and dilated segments lay the queries
+out differently: by column/segment in the full form, one per block in a
+piece.
 
 Option defaults are small so that the contract suite (16 tokens) exercises
 the sparse paths (wrapped rings, several blocks); set them for real models.
@@ -105,7 +108,13 @@ class BlockSparseMixer(Mixer):
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
+    if cache is not None:
+      self.check_cache(x, cache)
     return _forward(self, x, cache, segment_ids)
+
+  def check_cache(self, x, cache) -> None:
+    """Checks on the concrete cache position, made before tracing. None
+    here: a bounded cache takes any number of tokens."""
 
   def forward(self, x, cache, segment_ids):
     """The mixer call after argument checks, traced by `_forward`."""
@@ -257,13 +266,14 @@ class SlidingWindow(SparseAttention):
     k_pos = jnp.concatenate([jnp.where(past >= 0, past, -1), pos[0]])
     parts = [self._window_part(qr, keys.astype(q.dtype), vals.astype(q.dtype),
                                {"pos": pos_meta(pos)}, {"pos": pos_meta(k_pos)}, W)]
-    # Piece tokens that are sinks (positions < S) enter the sink slots.
-    src = jnp.arange(S) - cache.pos
-    fresh = ((src >= 0) & (src < L))[None, :, None, None]
-    src = jnp.clip(src, 0, L - 1)
-    sink_k = jnp.where(fresh, jnp.take(kr, src, axis=1), cache.sink_k)
-    sink_v = jnp.where(fresh, jnp.take(v, src, axis=1), cache.sink_v)
+    sink_k, sink_v = cache.sink_k, cache.sink_v
     if S:
+      # Piece tokens at positions < S enter the sink slots.
+      src = jnp.arange(S) - cache.pos
+      fresh = ((src >= 0) & (src < L))[None, :, None, None]
+      src = jnp.clip(src, 0, L - 1)
+      sink_k = jnp.where(fresh, jnp.take(kr, src, axis=1), sink_k)
+      sink_v = jnp.where(fresh, jnp.take(v, src, axis=1), sink_v)
       parts.append(self._sink_part(q, sink_k.astype(q.dtype),
                                    sink_v.astype(q.dtype), pos))
     # Slot s of the new ring holds the newest position p with p % W == s.
@@ -333,10 +343,8 @@ class FarSparse(SparseAttention):
 
   init_cache = Attention.init_cache
 
-  def __call__(self, x, *, cache=None, segment_ids=None):
-    if cache is not None:  # before tracing, while the position is concrete
-      check_room(cache.pos, x.shape[1], cache.max_len, self.name)
-    return super().__call__(x, cache=cache, segment_ids=segment_ids)
+  def check_cache(self, x, cache):
+    check_room(cache.pos, x.shape[1], cache.max_len, self.name)
 
   def forward(self, x, cache, segment_ids):
     L = x.shape[1]
@@ -559,9 +567,9 @@ class Dilated(FarSparse):
   causal.
 
   For each branch (w, r) of segment_lengths x dilation_rates the sequence is
-  cut into segments of w; in every segment, head h keeps the positions
-  whose offset in the segment is = h mod r (mod r) (the paper's per-head
-  shift) and runs causal softmax attention among them. Branches are merged
+  cut into segments of w; in every segment, head h keeps every r-th
+  position starting at offset h mod r (the paper's per-head shift) and
+  runs causal softmax attention among them. Branches are merged
   by their softmax denominators, o = sum_i s_i o_i / sum_i s_i, as in the
   paper (a key found by two branches counts twice). A position that a
   branch skips for a head gets nothing from it; a rate of 1 is required so
@@ -583,8 +591,8 @@ class Dilated(FarSparse):
                    decode_state="length", supports_segments=False)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs,
-               segment_lengths: tuple[int, ...] = (4, 8, 16),
-               dilation_rates: tuple[int, ...] = (1, 2, 4), num_heads: int = 4,
+               segment_lengths: tuple[int, ...] = (4, 16),
+               dilation_rates: tuple[int, ...] = (1, 4), num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
                use_bias: bool = False):
