@@ -18,9 +18,13 @@ def attention_options(config) -> dict:
   """Options for `attention` / `sliding_window` from an HF config. Adds
   `window` when the config has a sliding window (HF attends keys with
   kv_idx > q_idx - sliding_window: the same `window` semantics as ours)."""
-  rope = getattr(config, "rope_parameters", None) or {}
-  if rope.get("rope_type", "default") != "default":
-    raise ValueError(f"only default RoPE converts, got {rope.get('rope_type')!r}")
+  rope = getattr(config, "rope_parameters", None)
+  if rope is None:  # transformers 4.x keeps the base and scaling apart
+    rope = {**(getattr(config, "rope_scaling", None) or {}),
+            "rope_theta": getattr(config, "rope_theta", 10000.0)}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind != "default":
+    raise ValueError(f"only default (unscaled) RoPE converts, got {kind!r}")
   heads = config.num_attention_heads
   options = {
       "num_heads": heads,

@@ -28,9 +28,7 @@ def hf_attention():
   config = transformers.MistralConfig(
       hidden_size=32, intermediate_size=64, num_hidden_layers=1,
       num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=11,
-      sliding_window=WINDOW, rope_parameters={"rope_type": "default",
-                                              "rope_theta": 500.0},
-      attn_implementation="eager")
+      sliding_window=WINDOW, rope_theta=500.0, attn_implementation="eager")
   model = transformers.MistralModel(config).eval()
   attn = model.layers[0].self_attn
   seen = {}
@@ -59,11 +57,12 @@ def test_matches_hf_mistral(hf_attention, block_size):
   assert rel_err(mixer(x), y_hf) <= 1e-4
 
 
-def test_window_off_by_one_is_caught(hf_attention):
-  """The comparison can fail: a window one key wider or narrower differs."""
+@pytest.mark.parametrize("wrong", [{"window": WINDOW - 1}, {"window": WINDOW + 1},
+                                   {"position": {"name": "rope"}}])
+def test_comparison_can_fail(hf_attention, wrong):
+  """A window one key off, or the default RoPE base, visibly differs."""
   config, attn, x, y_hf = hf_attention
-  for window in (WINDOW - 1, WINDOW + 1):
-    assert rel_err(converted(config, attn, window=window)(x), y_hf) > 1e-3
+  assert rel_err(converted(config, attn, **wrong)(x), y_hf) > 1e-3
 
 
 def test_converter_rejects_mismatched_bias(hf_attention):
