@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 import inspect
 import types
 import typing
@@ -59,8 +60,8 @@ def check_type(value: Any, annotation: Any) -> bool:
       return len(value) == len(args) and all(
           check_type(v, a) for v, a in zip(value, args))
     return all(check_type(v, args[0]) for v in value) if args else True
-  if origin is dict:
-    return isinstance(value, dict)
+  if origin is dict or annotation is dict:
+    return isinstance(value, Mapping)
   if annotation is type(None):
     return value is None
   if annotation is float:
@@ -153,5 +154,6 @@ class Registry(Generic[T]):
             f"got {value!r} ({type(value).__name__}).")
 
   def build(self, name: str, *args, **options) -> T:
-    self.validate(name, {k: v for k, v in options.items() if k != "rngs"})
+    self.validate(name, {k: v for k, v in options.items()
+                         if k != "rngs" and k not in self.positional})
     return self.get(name)(*args, **options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -29,7 +31,7 @@ class KVCache:
     return self.k.shape[1]
 
 
-def build_position(spec: str | dict, head_dim: int, num_heads: int):
+def build_position(spec: str | Mapping, head_dim: int, num_heads: int):
   """A position scheme from "name" or {"name": ..., **options}."""
   if isinstance(spec, str):
     return positions.build(spec, head_dim, num_heads=num_heads)

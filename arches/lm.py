@@ -1,0 +1,249 @@
+"""A decoder-only language model over any registered sequence mixer.
+
+    cfg = LMConfig(vocab_size=256, d_model=128, n_layers=4,
+                   mixer=["mamba", "mamba", {"name": "attention", "num_heads": 4}])
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    logits_BxLxV = model(tokens_BxL)
+
+Embedding, then n_layers blocks of
+    x = x + mixer(norm(x));  x = x + channel(norm(x))
+then a final norm and the logits (tied to the embedding or not). `mixer` is
+one spec or a list of specs cycled over depth, so a hybrid is one line. A
+spec is a registered name or {"name": ..., **options}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from flax.core import FrozenDict
+
+from layers import channel, mixers, norms
+from layers.params import Dense, Embed, count_params, fan_in_init
+
+Spec = str | Mapping
+
+
+def freeze(obj):
+  """Lists -> tuples, dicts -> FrozenDicts, recursively: configs live in the
+  module's static graph, which jit hashes."""
+  if isinstance(obj, Mapping):
+    return FrozenDict({k: freeze(v) for k, v in obj.items()})
+  if isinstance(obj, (list, tuple)):
+    return tuple(freeze(v) for v in obj)
+  return obj
+
+
+def thaw(obj):
+  """The inverse of `freeze`, for writing configs out."""
+  if isinstance(obj, Mapping):
+    return {k: thaw(v) for k, v in obj.items()}
+  if isinstance(obj, tuple):
+    return [thaw(v) for v in obj]
+  return obj
+
+
+def normalize_spec(spec: Spec, registry) -> tuple[str, dict]:
+  """("name", options) from "name" or {"name": ..., **options}, validated."""
+  if isinstance(spec, str):
+    name, options = spec, {}
+  elif isinstance(spec, Mapping):
+    options = dict(spec)
+    if "name" not in options:
+      raise ValueError(f"{registry.kind} spec {spec} needs a 'name'; "
+                       f"registered: {registry.names()}")
+    name = options.pop("name")
+  else:
+    raise TypeError(f"{registry.kind} spec must be a name or a dict with "
+                    f"'name', got {type(spec).__name__}: {spec!r}")
+  registry.validate(name, options)
+  return name, options
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Model hyperparameters. All fields are plain data (configs are data).
+
+  mixer: a spec or a list of specs, cycled over n_layers.
+  channel: a channel-mixer spec, or None for blocks without one (Mamba).
+  dtype: compute dtype of activations; parameters stay fp32.
+  embed_scale: multiply input embeddings (Gemma uses sqrt(d_model)).
+  embed_norm: normalize embeddings before the first block (RWKV's ln0).
+  logit_softcap: c * tanh(logits / c) (Gemma 2, Griffin).
+  remat: recompute each block in the backward pass to save memory.
+  """
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 4
+  mixer: Any = "attention"
+  channel: Any = "swiglu"
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  embed_scale: float | None = None
+  embed_norm: bool = False
+  logit_softcap: float | None = None
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "mixer", freeze(self.mixer))
+    object.__setattr__(self, "channel", freeze(self.channel))
+    for field, lo in (("vocab_size", 2), ("d_model", 1), ("n_layers", 1)):
+      v = getattr(self, field)
+      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"LMConfig.{field} must be an int >= {lo}, got {v!r}")
+    self.mixer_specs()  # validate early, with the registry's messages
+    self.channel_spec()
+    if self.norm not in norms.NORMS:
+      raise ValueError(f"LMConfig.norm {self.norm!r} not in {sorted(norms.NORMS)}")
+    jnp.dtype(self.dtype)
+
+  def to_dict(self) -> dict:
+    return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  def mixer_specs(self) -> list[tuple[str, dict]]:
+    """One (name, options) per layer: the pattern cycled over depth."""
+    pattern = self.mixer if isinstance(self.mixer, tuple) else (self.mixer,)
+    if not pattern:
+      raise ValueError("LMConfig.mixer pattern is empty")
+    specs = [normalize_spec(s, mixers.REGISTRY) for s in pattern]
+    return [specs[i % len(specs)] for i in range(self.n_layers)]
+
+  def channel_spec(self) -> tuple[str, dict] | None:
+    if self.channel in (None, "none"):
+      return None
+    return normalize_spec(self.channel, channel.REGISTRY)
+
+
+@struct.dataclass
+class BlockCache:
+  mixer: Any
+  channel: Any
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: sequence mixer, then channel mixer."""
+
+  def __init__(self, cfg: LMConfig, spec: tuple[str, dict], *, rngs: nnx.Rngs):
+    name, options = spec
+    self.mixer_norm = norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+    self.mixer = mixers.build(name, cfg.d_model, rngs=rngs, **options)
+    ch = cfg.channel_spec()
+    if ch is None:
+      self.channel_norm = self.channel = None
+    else:
+      self.channel_norm = norms.build(cfg.norm, cfg.d_model, rngs=rngs,
+                                      eps=cfg.norm_eps)
+      self.channel = channel.build(ch[0], cfg.d_model, rngs=rngs, **ch[1])
+
+  def __call__(self, x, *, cache: BlockCache | None = None, segment_ids=None):
+    if cache is None:
+      x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids)
+      if self.channel is not None:
+        x = x + self.channel(self.channel_norm(x), segment_ids=segment_ids)
+      return x
+    h, mixer_cache = self.mixer(self.mixer_norm(x), cache=cache.mixer)
+    x = x + h
+    channel_cache = cache.channel
+    if self.channel is not None:
+      h, channel_cache = self.channel(self.channel_norm(x), cache=cache.channel)
+      x = x + h
+    return x, BlockCache(mixer_cache, channel_cache)
+
+  def init_cache(self, batch_size, max_len, dtype):
+    return BlockCache(
+        self.mixer.init_cache(batch_size, max_len, dtype),
+        None if self.channel is None else
+        self.channel.init_cache(batch_size, max_len, dtype))
+
+
+class DecoderLM(nnx.Module):
+  """Decoder-only LM; see the module docstring.
+
+  Logits are fp32 whatever the compute dtype, so the loss is taken in fp32.
+  Embeddings start at std 0.5/sqrt(d_model) (GPT-2's 0.02 at d=768), so the
+  initial loss is close to ln(vocab_size).
+  """
+
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                       init=fan_in_init(cfg.d_model, 0.5))
+    self.embed_norm = (norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+                       if cfg.embed_norm else None)
+    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs)
+                            for spec in cfg.mixer_specs()])
+    self.final_norm = norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
+    self.head = None if cfg.tie_embeddings else Dense(
+        cfg.d_model, cfg.vocab_size, in_axes=("embed",), out_axes=("vocab",),
+        rngs=rngs, init_scale=0.5)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.cfg.dtype)
+
+  def embed_tokens(self, tokens_BxL):
+    x = self.embed(tokens_BxL, self.dtype)
+    if self.cfg.embed_scale is not None:
+      x = x * jnp.asarray(self.cfg.embed_scale, self.dtype)
+    return x if self.embed_norm is None else self.embed_norm(x)
+
+  def logits(self, x_BxLxD):
+    x = self.final_norm(x_BxLxD)
+    out = self.embed.attend(x) if self.head is None else self.head(x)
+    out = out.astype(jnp.float32)
+    if self.cfg.logit_softcap is not None:
+      c = self.cfg.logit_softcap
+      out = c * jnp.tanh(out / c)
+    return out
+
+  def __call__(self, tokens_BxL, *, cache=None, segment_ids=None):
+    """Logits [B, L, vocab] (fp32); with `cache`, (logits, new_cache)."""
+    x = self.embed_tokens(tokens_BxL)
+    if cache is None:
+      for block in self.blocks:
+        if self.cfg.remat:
+          x = nnx.remat(lambda b, x, s: b(x, segment_ids=s))(block, x, segment_ids)
+        else:
+          x = block(x, segment_ids=segment_ids)
+      return self.logits(x)
+    if segment_ids is not None:
+      raise ValueError("segment_ids are for full-sequence calls, not with a cache")
+    new = []
+    for block, c in zip(self.blocks, cache, strict=True):
+      x, c = block(x, cache=c)
+      new.append(c)
+    return self.logits(x), tuple(new)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> tuple:
+    dtype = self.dtype if dtype is None else dtype
+    return tuple(b.init_cache(batch_size, max_len, dtype) for b in self.blocks)
+
+  def num_params(self) -> int:
+    return count_params(self)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward model FLOPs per token at context `seq_len` (train ~= 3x)."""
+    total = 2.0 * self.cfg.d_model * self.cfg.vocab_size  # logits
+    for b in self.blocks:
+      total += b.mixer.flops_per_token(seq_len)
+      if b.channel is not None:
+        total += b.channel.flops_per_token()
+    return total
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL=None):
+  """Mean token cross-entropy in fp32 over positions where mask is true."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets_BxL[..., None],
+                             axis=-1)[..., 0]
+  if mask_BxL is None:
+    return nll.mean()
+  mask = mask_BxL.astype(jnp.float32)
+  return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
