@@ -17,7 +17,10 @@ import jax.numpy as jnp
 def attention_options(config) -> dict:
   """Options for `attention` / `sliding_window` from an HF config. Adds
   `window` when the config has a sliding window (HF attends keys with
-  kv_idx > q_idx - sliding_window: the same `window` semantics as ours)."""
+  kv_idx > q_idx - sliding_window: the same `window` semantics as ours),
+  and the RoPE `fraction` when only part of each head rotates
+  (partial_rotary_factor: in rope_parameters in transformers 5.x, on the
+  config in 4.x)."""
   rope = getattr(config, "rope_parameters", None)
   if rope is None:  # transformers 4.x keeps the base and scaling apart
     rope = {**(getattr(config, "rope_scaling", None) or {}),
@@ -25,13 +28,16 @@ def attention_options(config) -> dict:
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind != "default":
     raise ValueError(f"only default (unscaled) RoPE converts, got {kind!r}")
+  fraction = rope.get("partial_rotary_factor",
+                      getattr(config, "partial_rotary_factor", None) or 1.0)
   heads = config.num_attention_heads
   options = {
       "num_heads": heads,
       "num_kv_heads": config.num_key_value_heads,
       "head_dim": (getattr(config, "head_dim", None)
                    or config.hidden_size // heads),
-      "position": {"name": "rope", "base": float(rope.get("rope_theta", 10000.0))},
+      "position": {"name": "rope", "base": float(rope.get("rope_theta", 10000.0)),
+                   "fraction": float(fraction)},
   }
   if getattr(config, "sliding_window", None):
     options["window"] = int(config.sliding_window)

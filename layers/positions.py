@@ -83,19 +83,32 @@ class RoPE(Position):
 
   q_m . k_n depends only on m - n: each pair of channels is rotated by
   m * base^(-2i/d).
+
+  fraction < 1 is partial RoPE (GPT-NeoX, Phi, Griffin/RecurrentGemma at
+  0.5): only the first d = fraction * head_dim channels rotate, as
+  half-split pairs over those d with frequencies base^(-2i/d); the other
+  channels pass unchanged and carry position-free content (HF's
+  partial_rotary_factor layout).
   """
 
   # Multiplies q and k after rotation (YaRN's attention temperature).
   mscale: float = 1.0
 
-  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0):
+  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0,
+               fraction: float = 1.0):
     super().__init__(head_dim, num_heads=num_heads)
-    if head_dim % 2:
-      raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+    rotary_dim = head_dim * fraction
+    if not (0.0 < fraction <= 1.0 and rotary_dim == round(rotary_dim)
+            and round(rotary_dim) % 2 == 0):
+      raise ValueError(
+          f"rope rotates head_dim * fraction = {head_dim} * {fraction} "
+          "channels: fraction must be in (0, 1] and the product an even "
+          "integer (an even head_dim at fraction 1)")
     self.base = base
+    self.rotary_dim = round(rotary_dim)
 
   def inv_freq(self) -> jax.Array:
-    return rope_frequencies(self.head_dim, self.base)
+    return rope_frequencies(self.rotary_dim, self.base)
 
   def queries(self, q, pos):
     return self._rotate(q, pos)
@@ -104,8 +117,10 @@ class RoPE(Position):
     return self._rotate(k, pos)
 
   def _rotate(self, x, pos):
-    y = apply_rotary(x, pos, self.inv_freq())
-    return y if self.mscale == 1.0 else (y * self.mscale).astype(x.dtype)
+    turned, passed = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+    y = apply_rotary(turned, pos, self.inv_freq())
+    y = y if self.mscale == 1.0 else (y * self.mscale).astype(x.dtype)
+    return jnp.concatenate([y, passed], axis=-1)
 
 
 def _check_factor(factor: float):

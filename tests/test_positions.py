@@ -30,6 +30,32 @@ def test_rotary_scores_depend_only_on_distance(name):
   assert score(7, 3) != pytest.approx(score(9, 3), rel=1e-3)
 
 
+def test_partial_rope_rotates_only_the_leading_channels():
+  """fraction=0.5 on head_dim 16: channels 0..7 are RoPE over 8 dims
+  (frequencies base^(-2i/8), HF's partial_rotary_factor layout), whose
+  scores depend only on distance; channels 8..15 pass unchanged."""
+  p = positions.build("rope", 16, fraction=0.5, base=100.0)
+  q, k = rand(0, (2, 5, 3, 16)), rand(1, (2, 5, 3, 16))
+  pos = jnp.asarray([[0, 3, 9, 40, 41], [2, 2, 7, 100, 7]])
+  rq, rk = p.queries(q, pos), p.keys(k, pos)
+  np.testing.assert_array_equal(rq[..., 8:], q[..., 8:])
+  np.testing.assert_array_equal(rk[..., 8:], k[..., 8:])
+  eight = positions.build("rope", 8, base=100.0)
+  np.testing.assert_allclose(rq[..., :8], eight.queries(q[..., :8], pos), atol=1e-6)
+  def score(m, n):  # rotated channels only
+    pm, pn = jnp.full((1, 1), m), jnp.full((1, 1), n)
+    return float(jnp.sum(p.queries(q[:1, :1], pm)[..., :8] * p.keys(k[:1, :1], pn)[..., :8]))
+  assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4, abs=1e-5)
+  assert score(7, 3) != pytest.approx(score(9, 3), rel=1e-3)
+
+
+@pytest.mark.parametrize("head_dim,fraction", [(16, 0.0), (16, 1.5), (16, 0.3),
+                                               (12, 0.25), (15, 1.0)])
+def test_bad_rope_fraction_is_named(head_dim, fraction):
+  with pytest.raises(ValueError, match="fraction"):
+    positions.build("rope", head_dim, fraction=fraction)
+
+
 def test_linear_interpolation_is_rope_at_scaled_positions():
   base, pi = positions.build("rope", 16), positions.build("rope_linear", 16, factor=4.0)
   q = rand(2, (1, 3, 2, 16))

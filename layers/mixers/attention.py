@@ -44,10 +44,12 @@ def build_position(spec: str | Mapping, head_dim: int, num_heads: int):
 
 class QKVProjection(nnx.Module):
   """q [B,L,H,K], k/v [B,L,G,K] and the output projection, shared by the
-  softmax-attention family."""
+  softmax-attention family. use_bias adds biases to q/k/v, out_bias to the
+  output projection (Griffin/RecurrentGemma has only the latter)."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int,
-               head_dim: int, *, rngs: nnx.Rngs, use_bias: bool = False):
+               head_dim: int, *, rngs: nnx.Rngs, use_bias: bool = False,
+               out_bias: bool = False):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of "
                        f"num_kv_heads={num_kv_heads}")
@@ -58,7 +60,7 @@ class QKVProjection(nnx.Module):
     self.v = Dense(d_model, (num_kv_heads, head_dim), in_axes=("embed",),
                    out_axes=("kv_heads", "head_dim"), rngs=rngs, use_bias=use_bias)
     self.o = Dense((num_heads, head_dim), d_model, in_axes=("heads", "head_dim"),
-                   out_axes=("embed",), rngs=rngs)
+                   out_axes=("embed",), rngs=rngs, use_bias=out_bias)
 
   def flops_per_token(self) -> float:
     return 2.0 * sum(m.kernel.size for m in (self.q, self.k, self.v, self.o))
@@ -90,7 +92,8 @@ class Attention(Mixer):
     num_heads, num_kv_heads (default num_heads), head_dim (default
     d_model // num_heads); position: a scheme name or {"name": ..., **opts}
     (see `layers.positions`); kernel: "auto" or one of
-    `layers.kernels.attention.ATTENTION.names()`; use_bias on q/k/v.
+    `layers.kernels.attention.ATTENTION.names()`; use_bias on q/k/v;
+    out_bias on the output projection.
   """
 
   info = MixerInfo(family="attention", paper="Vaswani et al. 2017, "
@@ -100,7 +103,7 @@ class Attention(Mixer):
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
-               use_bias: bool = False):
+               use_bias: bool = False, out_bias: bool = False):
     num_kv_heads, head_dim = resolve_heads(d_model, num_heads, num_kv_heads,
                                            head_dim)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -109,7 +112,7 @@ class Attention(Mixer):
       raise ValueError(f"unknown attention kernel {kernel!r}; choose 'auto' "
                        f"or one of {ATTENTION.names()}")
     self.proj = QKVProjection(d_model, num_heads, num_kv_heads, head_dim,
-                              rngs=rngs, use_bias=use_bias)
+                              rngs=rngs, use_bias=use_bias, out_bias=out_bias)
     self.position = build_position(position, head_dim, num_heads)
 
   def attend(self, q, k, v, mask, bias):

@@ -138,14 +138,15 @@ class SparseAttention(BlockSparseMixer):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int,
                num_kv_heads: int | None, head_dim: int | None,
-               position: str | dict, kernel: str, use_bias: bool):
+               position: str | dict, kernel: str, use_bias: bool,
+               out_bias: bool = False):
     num_kv_heads, head_dim = resolve_heads(d_model, num_heads, num_kv_heads,
                                            head_dim)
     super().__init__(num_heads=num_heads, head_dim=head_dim, position=position,
                      kernel=kernel)
     self.num_kv_heads = num_kv_heads
     self.proj = QKVProjection(d_model, num_heads, num_kv_heads, head_dim,
-                              rngs=rngs, use_bias=use_bias)
+                              rngs=rngs, use_bias=use_bias, out_bias=out_bias)
 
   def flops_for_keys(self, keys_per_query: float) -> float:
     """Projections plus q.k and p.v over the keys each query's blocks hold
@@ -191,7 +192,8 @@ class SlidingWindow(SparseAttention):
   after ~1e6 tokens).
 
   Options: window; block_size (default min(window, 128)); num_heads,
-  num_kv_heads, head_dim, position, kernel, use_bias as for `attention`.
+  num_kv_heads, head_dim, position, kernel, use_bias, out_bias as for
+  `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Beltagy et al. 2020, "
@@ -203,10 +205,11 @@ class SlidingWindow(SparseAttention):
                block_size: int | None = None, num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
-               use_bias: bool = False):
+               use_bias: bool = False, out_bias: bool = False):
     super().__init__(d_model, rngs=rngs, num_heads=num_heads,
                      num_kv_heads=num_kv_heads, head_dim=head_dim,
-                     position=position, kernel=kernel, use_bias=use_bias)
+                     position=position, kernel=kernel, use_bias=use_bias,
+                     out_bias=out_bias)
     # 128 keeps the waste of the first gathered block small for long windows.
     block_size = min(window, 128) if block_size is None else block_size
     check_positive(self.name, window=window, block_size=block_size)
