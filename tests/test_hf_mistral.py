@@ -1,73 +1,74 @@
-"""`sliding_window` reproduces HuggingFace Mistral attention (sliding window,
-GQA, RoPE) with converted weights, in fp32."""
+"""`sliding_window` in our LM reproduces HuggingFace's pure-PyTorch Mistral
+(sliding window, GQA, RoPE): a tiny random model (no download), converted
+with `arches.hf_llama`, compared in fp32, full forward and cached decoding
+through the ring buffer."""
 
 import numpy as np
 import pytest
-from flax import nnx
-
-from arches.hf_convert_attention import attention_options, load_attention
-from layers import mixers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from arches.hf_llama import from_hf_llama  # noqa: E402
 
 WINDOW, LENGTH = 5, 23
 
 
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
-def hf_attention():
-  """A tiny random one-layer Mistral (eager attention, no download); the
-  attention layer's input and output captured from a real forward pass, so
-  HF builds its own sliding-window mask."""
-  torch.manual_seed(0)
+def mistral():
   config = transformers.MistralConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=11,
-      sliding_window=WINDOW, rope_theta=500.0, attn_implementation="eager")
-  model = transformers.MistralModel(config).eval()
-  attn = model.layers[0].self_attn
-  seen = {}
-  attn.register_forward_hook(
-      lambda mod, args, kwargs, out: seen.update(x=kwargs["hidden_states"],
-                                                 y=out[0]),
-      with_kwargs=True)
+      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+      sliding_window=WINDOW, rope_theta=500.0, rms_norm_eps=1e-5,
+      attn_implementation="eager",
+      # HF's default 0.02 init makes attention nearly uniform, which would
+      # hide a window one key off; 0.3 gives peaked attention.
+      initializer_range=0.3)
+  torch.manual_seed(0)
+  hf = transformers.MistralForCausalLM(config).eval()
+  tokens = np.random.default_rng(0).integers(0, 97, (2, LENGTH))
   with torch.no_grad():
-    model(inputs_embeds=torch.randn(2, LENGTH, 32))
-  return config, attn, seen["x"].numpy(), seen["y"].numpy()
+    logits = hf(torch.tensor(tokens)).logits.numpy()
+  return hf, tokens, logits
 
 
-def converted(config, attn, **override):
-  options = {**attention_options(config), **override}
-  mixer = mixers.build("sliding_window", config.hidden_size, rngs=nnx.Rngs(0),
+def ours(hf, **options):
+  # HF masks keys with kv_idx <= q_idx - sliding_window: `window` keys
+  # including the query, which is our `window`.
+  options = {"window": hf.config.sliding_window, **options}
+  return from_hf_llama(hf.config, hf.state_dict(), mixer="sliding_window",
                        **options)
-  load_attention(mixer.proj, attn)
-  return mixer
 
 
 @pytest.mark.parametrize("block_size", [None, 3])
-def test_matches_hf_mistral(hf_attention, block_size):
-  config, attn, x, y_hf = hf_attention
-  mixer = converted(config, attn, block_size=block_size)
-  assert mixer.window == WINDOW and mixer.num_kv_heads == 2
-  assert rel_err(mixer(x), y_hf) <= 1e-4
+def test_logits_match_mistral(mistral, block_size):
+  hf, tokens, want = mistral
+  got = ours(hf, block_size=block_size)(jnp.asarray(tokens))
+  assert rel_err(got, want) <= 1e-4
 
 
-@pytest.mark.parametrize("wrong", [{"window": WINDOW - 1}, {"window": WINDOW + 1},
-                                   {"position": {"name": "rope"}}])
-def test_comparison_can_fail(hf_attention, wrong):
-  """A window one key off, or the default RoPE base, visibly differs."""
-  config, attn, x, y_hf = hf_attention
-  assert rel_err(converted(config, attn, **wrong)(x), y_hf) > 1e-3
+def test_cached_decoding_matches_mistral(mistral):
+  """A prompt longer than the window, then single tokens, through the ring."""
+  hf, tokens, want = mistral
+  model = ours(hf)
+  cache = model.init_cache(2, LENGTH)
+  got, cache = model(jnp.asarray(tokens[:, :9]), cache=cache)
+  steps = [got]
+  for t in range(9, LENGTH):
+    logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), cache=cache)
+    steps.append(logits)
+  assert rel_err(np.concatenate(steps, axis=1), want) <= 1e-4
 
 
-def test_converter_rejects_mismatched_bias(hf_attention):
-  config, attn, _, _ = hf_attention
-  mixer = mixers.build("sliding_window", 32, rngs=nnx.Rngs(0), use_bias=True,
-                       **attention_options(config))
-  with pytest.raises(ValueError, match="use_bias"):
-    load_attention(mixer.proj, attn)
+@pytest.mark.parametrize("window", [WINDOW - 1, WINDOW + 1])
+def test_window_off_by_one_is_caught(mistral, window):
+  """The comparison can fail: a window one key narrower or wider differs."""
+  hf, tokens, want = mistral
+  assert rel_err(ours(hf, window=window)(jnp.asarray(tokens)), want) > 1e-3

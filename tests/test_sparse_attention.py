@@ -282,6 +282,7 @@ def test_kernel_empty_rows_are_zero_with_finite_grads():
     ("sliding_window", {"window": 0}, "window"),
     ("sliding_window", {"block_size": 0}, "block_size"),
     ("sliding_window", {"kernel": "splash"}, "kernel"),
+    ("sliding_window", {"position": "alibi"}, "score bias"),
     ("attention_sinks", {"sinks": 0}, "sinks"),
     ("strided", {"pattern": "diagonal"}, "pattern"),
     ("strided", {"stride": 2, "summary": 3}, "summary"),
