@@ -1,0 +1,297 @@
+"""Sparse attention mixers against dense oracles of their exact patterns.
+
+Each oracle builds the pattern as a dense [heads, L, L] mask straight from
+the paper's definition (a test may be quadratic) and runs plain softmax
+attention with the mixer's own projections, in float64.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers import mixers
+from layers.kernels import block_sparse
+from layers.mixers.base import positions_for
+from layers.mixers.sparse_attention import random_blocks
+
+D = 32
+LENGTH = 23  # not a multiple of any block below
+CUTS = [10, 13]  # few lengths (each compiles); the contract covers 1-token steps
+
+
+def build(name, **options):
+  return mixers.build(name, D, rngs=nnx.Rngs(0), **options)
+
+
+def inputs(length=LENGTH, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((2, length, D)),
+                     jnp.float32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def dense(q, k, v, mask, scale=None, bias=0.0):
+  """Softmax attention over the keys of `mask` [H|1, L, S]; float64.
+  Returns o [B, L, H, K] and the log-sum-exp [B, L, H]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  H, K = q.shape[2:]
+  k = np.repeat(k, H // k.shape[2], axis=2)
+  v = np.repeat(v, H // v.shape[2], axis=2)
+  s = np.einsum("blhk,bshk->bhls", q, k) * (K ** -0.5 if scale is None else scale)
+  s = np.where(mask, s + bias, -np.inf)
+  top = s.max(-1, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)
+  p = np.exp(s - top)
+  total = p.sum(-1, keepdims=True)
+  o = np.einsum("bhls,bshk->blhk", p / np.where(total > 0, total, 1.0), v)
+  with np.errstate(divide="ignore"):
+    lse = np.log(total[..., 0]) + top[..., 0]
+  return o, lse.transpose(0, 2, 1)
+
+
+def union(parts):
+  """Softmax over the (multi)set union of the parts' keys."""
+  lse = np.stack([l for _, l in parts])
+  total = np.logaddexp.reduce(lse, axis=0)
+  w = np.exp(lse - np.where(np.isfinite(total), total, 0.0))
+  return sum(wi[..., None] * o for wi, (o, _) in zip(w, parts))
+
+
+def projected(m, x):
+  """Raw q, RoPE'd q and k, v at positions 0..L-1."""
+  q, k, v = m.proj.q(x), m.proj.k(x), m.proj.v(x)
+  pos = positions_for(x)
+  return q, m.position.queries(q, pos), m.position.keys(k, pos), v
+
+
+def finish(m, o):
+  return m.proj.o(jnp.asarray(o, jnp.float32))
+
+
+def grid(length=LENGTH):
+  t = np.arange(length)[:, None]
+  return t, np.arange(length)[None, :]
+
+
+def run_pieces(m, x, cuts):
+  cache = m.init_cache(x.shape[0], x.shape[1], x.dtype)
+  outs, start = [], 0
+  for n in cuts:
+    y, cache = m(x[:, start:start + n], cache=cache)
+    outs.append(y)
+    start += n
+  return jnp.concatenate(outs, axis=1)
+
+
+def check(m, x, oracle, pieces):
+  """Full form vs oracle and, where `pieces`, the incremental form vs the
+  full form. The contract suite runs the incremental checks (1-token steps
+  included) at default options; here they run for the options whose step
+  paths the defaults do not reach."""
+  y = m(x)
+  assert rel_err(y, oracle) <= 1e-5, f"full form vs oracle: {rel_err(y, oracle):.3g}"
+  if not pieces:
+    return
+  y_inc = run_pieces(m, x, CUTS)
+  assert rel_err(y_inc, y) <= 1e-5, f"pieces vs full: {rel_err(y_inc, y):.3g}"
+
+
+@pytest.mark.parametrize("window,block_size,pieces", [(7, 3, True),
+                                                     (1, 2, False)])
+def test_sliding_window(window, block_size, pieces):
+  m = build("sliding_window", window=window, block_size=block_size,
+            num_kv_heads=2)
+  x = inputs()
+  _, q, k, v = projected(m, x)
+  t, s = grid()
+  o, _ = dense(q, k, v, (s <= t) & (t - s < window))
+  check(m, x, finish(m, o), pieces)
+
+
+def test_sliding_window_packed():
+  m = build("sliding_window", window=4)
+  x = inputs(12)
+  seg = jnp.asarray([[0] * 7 + [1] * 5] * 2, jnp.int32)
+  y = m(x, segment_ids=seg)
+  ref = jnp.concatenate([m(x[:, :7]), m(x[:, 7:])], axis=1)
+  assert rel_err(y, ref) <= 1e-5
+
+
+def test_attention_sinks():
+  window, sinks = 4, 3
+  m = build("attention_sinks", window=window, sinks=sinks, block_size=3)
+  x = inputs()
+  q_raw, q, k, v = projected(m, x)
+  t, s = grid()
+  # StreamingLLM cache positions: a sink outside the window is seen from
+  # the query's slot in the cache, min(t, sinks + window - 1).
+  q_sink = m.position.queries(
+      q_raw, jnp.minimum(positions_for(x), sinks + window - 1))
+  win = dense(q, k, v, (s <= t) & (t - s < window))
+  sink = dense(q_sink, k, v, (s < sinks) & (t - s >= window))
+  check(m, x, finish(m, union([win, sink])), pieces=False)
+
+
+def strided_mask(pattern, l, c, length=LENGTH):
+  t, s = grid(length)
+  if pattern == "strided":
+    return (s <= t) & ((t - s < l) | ((t - s) % l == 0))
+  return (s <= t) & ((s // l == t // l) | ((s % l >= l - c) & (s // l < t // l)))
+
+
+@pytest.mark.parametrize("pattern,stride,summary,pieces", [
+    ("strided", 3, 1, True), ("fixed", 4, 2, False), ("strided", 1, 1, False)])
+def test_strided(pattern, stride, summary, pieces):
+  m = build("strided", pattern=pattern, stride=stride, summary=summary,
+            num_kv_heads=2)
+  x = inputs()
+  _, q, k, v = projected(m, x)
+  o, _ = dense(q, k, v, strided_mask(pattern, stride, summary))
+  check(m, x, finish(m, o), pieces)
+
+
+def test_bigbird():
+  b, w, g, r = 3, 1, 1, 2
+  m = build("bigbird", block_size=b, window=w, global_blocks=g,
+            random_blocks=r)
+  x = inputs()
+  _, q, k, v = projected(m, x)
+  nb = -(-LENGTH // b)
+  qb = jnp.arange(nb)
+  rand = np.asarray(random_blocks(m.pattern_key[...], qb, g, qb - w, r))
+  allowed = np.zeros((nb, nb), bool)
+  for i in range(nb):
+    allowed[i, :g] = True
+    allowed[i, max(i - w, 0):i + 1] = True
+    allowed[i, rand[i][rand[i] >= 0]] = True
+  assert (rand >= 0).sum() > 0, "no random block was exercised"
+  t, s = grid()
+  o, _ = dense(q, k, v, (s <= t) & allowed[t // b, s // b])
+  check(m, x, finish(m, o), pieces=False)
+
+
+def test_random_blocks_are_distinct_in_range_and_seeded():
+  qb = jnp.arange(40)
+  lo, hi, r = 2, qb - 1, 3
+  a = np.asarray(random_blocks(jax.random.key_data(jax.random.key(0)), qb, lo, hi, r))
+  b = np.asarray(random_blocks(jax.random.key_data(jax.random.key(1)), qb, lo, hi, r))
+  for i, row in enumerate(a):
+    got = row[row >= 0]
+    assert len(got) == min(r, max(int(hi[i]) - lo, 0)), (i, row)
+    assert len(set(got)) == len(got) and all(lo <= got) and all(got < hi[i])
+  np.testing.assert_array_equal(
+      a, random_blocks(jax.random.key_data(jax.random.key(0)), qb, lo, hi, r))
+  assert (a != b).any(), "the seed does not change the pattern"
+
+
+def test_dilated():
+  branches = ((4, 1), (6, 2), (12, 3))
+  m = build("dilated", segment_lengths=tuple(w for w, _ in branches),
+            dilation_rates=tuple(r for _, r in branches), num_kv_heads=2)
+  x = inputs()
+  _, q, k, v = projected(m, x)
+  t, s = grid()
+  parts = []
+  for w, r in branches:
+    shift = (np.arange(m.num_heads) % r)[:, None, None]
+    kept = lambda p: (p % w) % r == shift
+    parts.append(dense(q, k, v, (s <= t) & (s // w == t // w) & kept(t) & kept(s)))
+  check(m, x, finish(m, union(parts)), pieces=False)
+
+
+def test_lsh():
+  c, nb, rounds = 3, 4, 2
+  m = build("lsh", chunk=c, n_buckets=nb, n_hashes=rounds)
+  x = inputs()
+  x32 = m.qk(x)
+  rot = np.einsum("blhk,rhkn->blrhn", np.asarray(x32, np.float64),
+                  np.asarray(m.rotations[...], np.float64))
+  bucket = np.concatenate([rot, -rot], -1).argmax(-1)  # [B, L, R, H]
+  np.testing.assert_array_equal(
+      bucket.reshape(2, LENGTH, -1), m.buckets(x32))
+  unit = x32 / jnp.linalg.norm(x32, axis=-1, keepdims=True)
+  v = m.v(x)
+  t, s = grid()
+  parts = []
+  for r in range(rounds):
+    b = bucket[:, :, r].transpose(0, 2, 1)  # [B, H, L]
+    same = b[..., :, None] == b[..., None, :]
+    rank = np.cumsum(np.eye(nb, dtype=int)[b], axis=2)  # same-bucket counts
+    rank = np.take_along_axis(rank, b[..., None], -1)[..., 0]
+    mask = same & (s <= t) & (rank[..., :, None] - rank[..., None, :] < c)
+    parts.append(dense(x32, unit, v, mask, scale=1.0,
+                       bias=np.where(s == t, -1e5, 0.0)))
+  o = union(parts)
+  check(m, x, m.o(jnp.asarray(o, jnp.float32)), pieces=False)
+
+
+def intermediates(jaxpr):
+  """Every value a jaxpr computes, nested jaxprs (jit, vmap bodies) included."""
+  for e in jaxpr.eqns:
+    yield from e.outvars
+    for p in e.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else (p,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from intermediates(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from intermediates(sub)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("sliding_window", {"window": 8, "block_size": 8}),
+    ("attention_sinks", {"window": 8, "sinks": 4, "block_size": 8}),
+    ("bigbird", {"block_size": 8}),
+    ("dilated", {"segment_lengths": (8, 32), "dilation_rates": (1, 4)}),
+    ("lsh", {"chunk": 8, "n_buckets": 8}),
+])
+def test_memory_grows_linearly(name, options):
+  """No L x L intermediate: doubling L at most doubles the largest array of
+  the traced full form (a masked dense score matrix would quadruple)."""
+  graph, state = nnx.split(build(name, **options))
+  def largest(length):
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graph, s)(x))(
+        state, jnp.zeros((1, length, D)))
+    return max(np.prod(v.aval.shape) for v in intermediates(jaxpr.jaxpr))
+  small, big = largest(512), largest(1024)
+  assert big <= 2 * small and big < 1024 * 1024, (small, big)
+
+
+def test_kernel_empty_rows_are_zero_with_finite_grads():
+  """A query that sees no key gives 0 and -inf lse without NaN gradients."""
+  q = jnp.ones((1, 4, 2, 4))
+  k = v = jnp.ones((1, 4, 1, 4))
+  meta = {"pos": jnp.arange(4)[None, None]}
+  @jax.jit
+  def f(q):
+    o, lse = block_sparse.gather(
+        q, k, v, table_fn=lambda qb: qb[:, None], mask_fn=lambda a, b:
+        b["pos"] < a["pos"], q_meta=meta, k_meta=meta, block_q=2, block_k=2)
+    return block_sparse.merge([(o, lse), (o, lse)]), lse
+  o, lse = f(q)
+  assert np.all(np.asarray(o[:, 0]) == 0) and np.isneginf(np.asarray(lse[:, 0])).all()
+  g = jax.grad(lambda q: f(q)[0].sum())(q)
+  assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("sliding_window", {"window": 0}, "window"),
+    ("sliding_window", {"block_size": 0}, "block_size"),
+    ("sliding_window", {"kernel": "splash"}, "kernel"),
+    ("sliding_window", {"position": "alibi"}, "score bias"),
+    ("attention_sinks", {"sinks": 0}, "sinks"),
+    ("strided", {"pattern": "diagonal"}, "pattern"),
+    ("strided", {"stride": 2, "summary": 3}, "summary"),
+    ("bigbird", {"random_blocks": -1}, "random_blocks"),
+    ("dilated", {"segment_lengths": (4, 8), "dilation_rates": (1,)}, "same length"),
+    ("dilated", {"segment_lengths": (4, 6), "dilation_rates": (1, 4)}, "divide"),
+    ("dilated", {"segment_lengths": (4, 8), "dilation_rates": (2, 4)}, "rate of 1"),
+    ("lsh", {"n_buckets": 3}, "even"),
+])
+def test_bad_options(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    build(name, **options)
