@@ -102,10 +102,17 @@ def params_from_hf(config: Any, state_dict: Mapping[str, Any]) -> dict:
 
 
 def from_hf_llama(config: Any, state_dict: Mapping[str, Any], *,
-                  mixer: str = "attention", **mixer_options) -> DecoderLM:
+                  mixer: str | None = None, **mixer_options) -> DecoderLM:
   """A DecoderLM with a HuggingFace Llama-family config and weights.
 
-  `mixer`/`mixer_options` select the attention variant ("sliding_window"
-  with window=... for Mistral)."""
+  The mixer follows the config: "sliding_window" with HF's window when
+  `config.sliding_window` is set (Mistral; HF's window counts the query
+  itself, as ours does), else dense "attention". `mixer`/`mixer_options`
+  override that choice."""
+  if mixer is None:
+    window = getattr(config, "sliding_window", None)
+    mixer = "attention" if window is None else "sliding_window"
+    if window is not None:
+      mixer_options = {"window": int(window), **mixer_options}
   return model_from_params(config_from_hf(config, mixer, **mixer_options),
                            params_from_hf(config, state_dict))

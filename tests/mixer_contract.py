@@ -61,11 +61,9 @@ def run_pieces(mixer: Mixer, x: jax.Array, cuts: list[int], max_len: int):
 def check_shape_dtype_jit(make: Make):
   m = make(0)
   x = inputs(1)
-  y = m(x)  # eager
+  y = full(m, x)
   assert y.shape == x.shape, f"output shape {y.shape} != input shape {x.shape}"
   assert y.dtype == x.dtype, f"output dtype {y.dtype} != input dtype {x.dtype}"
-  yj = full(m, x)
-  assert rel_err(yj, y) <= 1e-4, f"jit output differs: rel err {rel_err(yj, y)}"
   assert np.isfinite(np.asarray(y)).all(), "non-finite fp32 output"
 
 
@@ -79,7 +77,7 @@ def check_bf16(make: Make):
   # bf16 has ~3 significant digits; a mixer that is merely noisy stays
   # well inside 5%, one that drifts or overflows does not.
   assert rel_err(y, y32) < 0.05, f"bf16 vs fp32 rel err {rel_err(y, y32):.3g}"
-  _, cache = run_pieces(m, x, [LENGTH // 2, 1, LENGTH // 2 - 1], LENGTH)
+  _, cache = run_pieces(m, x, [LENGTH // 2, LENGTH // 2], LENGTH)
   for leaf in jax.tree.leaves(cache):
     assert np.isfinite(np.asarray(leaf, np.float32)).all(), "non-finite bf16 cache"
 
@@ -98,8 +96,9 @@ def check_causal(make: Make, seeds=(0, 1), ts=(0, 5, LENGTH - 2)):
                            f"outputs at <= t (rel err {err:.3g}, seed {seed})")
 
 
-# Piece lengths are kept to a few distinct values: each one compiles.
-CUTS = ([LENGTH], [1] * LENGTH, [4, 1, 1, 5, 5], [11, 5])
+# Piece lengths are kept to a few distinct values (1, 5, LENGTH): each
+# (length, max_len) pair compiles once per process.
+CUTS = ([LENGTH], [1] * LENGTH, [5, 1, 5, 5])
 
 
 def check_incremental(make: Make, cuts=CUTS):
@@ -118,7 +117,7 @@ def check_incremental(make: Make, cuts=CUTS):
 def check_overflow(make: Make):
   m = make(0)
   x = inputs(3)
-  _, cache = run_pieces(m, x, [LENGTH - 2], LENGTH)
+  _, cache = run_pieces(m, x, [5, 5, 5], LENGTH)  # 15 of 16 slots
   try:
     m(x[:, :3], cache=cache)
   except ValueError as e:
@@ -133,7 +132,7 @@ def check_packed(make: Make, split=6):
   m = make(0)
   x = inputs(4)
   seg = jnp.asarray([[0] * split + [1] * (LENGTH - split),
-                     [3] * (LENGTH - 3) + [4] * 3], jnp.int32)
+                     [3] * (LENGTH - split) + [4] * split], jnp.int32)
   if not m.info.supports_segments:
     try:
       full(m, x, seg)
@@ -142,7 +141,7 @@ def check_packed(make: Make, split=6):
       return
     raise AssertionError("mixer says it does not support segments but accepted them")
   y = full(m, x, seg)
-  for b, s in ((0, split), (1, LENGTH - 3)):
+  for b, s in ((0, split), (1, LENGTH - split)):
     a0 = full(m, x[b:b + 1, :s])
     a1 = full(m, x[b:b + 1, s:])
     ref = jnp.concatenate([a0, a1], axis=1)[0]

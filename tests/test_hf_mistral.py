@@ -41,10 +41,11 @@ def mistral():
 
 def ours(hf, **options):
   # HF masks keys with kv_idx <= q_idx - sliding_window: `window` keys
-  # including the query, which is our `window`.
-  options = {"window": hf.config.sliding_window, **options}
-  return from_hf_llama(hf.config, hf.state_dict(), mixer="sliding_window",
-                       **options)
+  # including the query, which is our `window`. The importer reads it from
+  # the config and picks `sliding_window` by itself.
+  model = from_hf_llama(hf.config, hf.state_dict(), **options)
+  assert type(model.blocks[0].mixer).registered_name == "sliding_window"
+  return model
 
 
 @pytest.mark.parametrize("block_size", [None, 3])
