@@ -29,6 +29,8 @@ ROPE_TYPES = {
 
 
 def rope_spec(config: Any) -> dict:
+  """Our position spec from an HF config's RoPE settings, including a
+  partial_rotary_factor (only part of each head rotates) as `fraction`."""
   params = dict(getattr(config, "rope_parameters", None) or {})
   if not params:  # transformers < 5 kept these on the config
     params = dict(getattr(config, "rope_scaling", None) or {})
@@ -46,6 +48,13 @@ def rope_spec(config: Any) -> dict:
     spec["original_max_len"] = int(spec["original_max_len"])
   if spec.get("factor") is not None:
     spec["factor"] = float(spec["factor"])
+  fraction = params.get("partial_rotary_factor",
+                        getattr(config, "partial_rotary_factor", None) or 1.0)
+  if fraction != 1.0:
+    if name != "rope":
+      raise ValueError(f"partial_rotary_factor {fraction} is supported with "
+                       f"default RoPE only, got rope_type {rope_type!r}")
+    spec["fraction"] = float(fraction)
   return spec
 
 

@@ -25,7 +25,7 @@ soft-capped.
 from __future__ import annotations
 
 from arches.convert import model_from_params, to_numpy
-from arches.hf_convert_attention import attention_options
+from arches.hf_llama import rope_spec
 from arches.lm import DecoderLM, LMConfig
 
 GELU_TANH = "gelu_pytorch_tanh"
@@ -37,8 +37,11 @@ def mixer_specs(c) -> dict:
       "recurrent": {"name": "rglru", "width": c.lru_width,
                     "num_heads": c.num_attention_heads,
                     "conv_width": c.conv1d_width},
-      "attention": {"name": "sliding_window", **attention_options(c),
-                    "use_bias": c.attention_bias, "out_bias": True},
+      "attention": {"name": "sliding_window", "window": c.attention_window_size,
+                    "num_heads": c.num_attention_heads,
+                    "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                    "position": rope_spec(c), "use_bias": c.attention_bias,
+                    "out_bias": True},
   }
 
 

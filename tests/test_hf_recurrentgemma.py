@@ -9,6 +9,8 @@ are scaled up so attention is peaked: a window one key off, or RoPE on all
 channels instead of the first half, then changes the output visibly (see
 test_attention_layer_matches_and_can_fail)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from arches.hf_llama import rope_spec  # noqa: E402
 from arches.hf_recurrentgemma import (config_from_hf, from_hf,  # noqa: E402
                                       mixer_specs)
 from layers import mixers  # noqa: E402
@@ -123,3 +126,10 @@ def test_attention_layer_matches_and_can_fail(models, hf_run):
 def test_refuses_unknown_block_types():
   with pytest.raises(ValueError, match="unknown.*mlp"):
     config_from_hf(hf_config(block_types=["recurrent", "mlp"]), 1.0)
+
+
+def test_partial_rotation_needs_default_rope():
+  scaled = SimpleNamespace(rope_parameters={
+      "rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})
+  with pytest.raises(ValueError, match="partial_rotary_factor"):
+    rope_spec(scaled)
