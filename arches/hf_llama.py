@@ -59,10 +59,10 @@ def rope_spec(config: Any) -> dict:
 
 
 def config_from_hf(config: Any, mixer: str = "attention", **mixer_options) -> LMConfig:
-  for flag in ("attention_bias", "mlp_bias"):
-    if getattr(config, flag, False):
-      raise ValueError(f"{flag}=True is not supported: our attention has no "
-                       "output bias and our SwiGLU no biases")
+  if getattr(config, "mlp_bias", False):
+    raise ValueError("mlp_bias=True is not supported: our SwiGLU has no biases")
+  if getattr(config, "attention_bias", False):  # biases on q, k, v and o
+    mixer_options = {"use_bias": True, "out_bias": True, **mixer_options}
   heads = config.num_attention_heads
   return LMConfig(
       vocab_size=config.vocab_size, d_model=config.hidden_size,
@@ -98,7 +98,9 @@ def params_from_hf(config: Any, state_dict: Mapping[str, Any]) -> dict:
         "mixer": {"proj": {
             "q": proj(a + "q_proj", heads), "k": proj(a + "k_proj", kv),
             "v": proj(a + "v_proj", kv),
-            "o": {"kernel": sd[a + "o_proj.weight"].T.reshape(heads, hd, -1)}}},
+            "o": {"kernel": sd[a + "o_proj.weight"].T.reshape(heads, hd, -1),
+                  **({"bias": sd[a + "o_proj.bias"]} if a + "o_proj.bias" in sd
+                     else {})}}},
         "channel_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
         "channel": {k: {"kernel": sd[f"{m}{k}_proj.weight"].T}
                     for k in ("gate", "up", "down")},

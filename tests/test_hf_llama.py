@@ -21,7 +21,7 @@ ROPES = {
 }
 
 
-def hf_model(rope, kv_heads=2, tie=False):
+def hf_model(rope, kv_heads=2, tie=False, bias=False):
   params = {"rope_theta": 10000.0, "rope_type": "default"}
   if rope:
     params.update(rope)
@@ -29,6 +29,7 @@ def hf_model(rope, kv_heads=2, tie=False):
       vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
       rms_norm_eps=1e-5, rope_parameters=params, tie_word_embeddings=tie,
+      attention_bias=bias,
       attn_implementation="eager",
       # HF's default 0.02 init makes attention nearly uniform, which would
       # hide errors in positions and scaling; 0.3 gives peaked attention.
@@ -52,9 +53,14 @@ def test_logits_match_llama(rope):
   assert rel(got, want) <= 1e-4
 
 
-@pytest.mark.parametrize("kv_heads,tie", [(1, True), (4, False)])
-def test_mqa_mha_tied_and_cached_decoding_match_llama(kv_heads, tie):
-  hf = hf_model(None, kv_heads=kv_heads, tie=tie)
+@pytest.mark.parametrize("kv_heads,tie,bias", [(1, True, False), (4, False, True)])
+def test_mqa_mha_tied_biased_and_cached_decoding_match_llama(kv_heads, tie, bias):
+  hf = hf_model(None, kv_heads=kv_heads, tie=tie, bias=bias)
+  if bias:  # HF initializes biases to zero, which would test nothing
+    with torch.no_grad():
+      for name, p in hf.named_parameters():
+        if name.endswith("bias"):
+          p.normal_(0.0, 0.3)
   ours = from_hf_llama(hf.config, hf.state_dict())
   tokens = np.random.default_rng(1).integers(0, 97, (1, 12))
   with torch.no_grad():
