@@ -48,8 +48,8 @@ class FakeTrainer:
       raise RuntimeError(f"boom in {name}")
     with open(os.path.join(cfg.train.run_dir, plots.METRICS), "w") as f:
       for step in (1, 2, 3):
-        f.write(json.dumps({"step": step, "tokens": 64 * step, "time_s": 0.1 * step,
-                            "loss": 5.0 / step}) + "\n")
+        f.write(json.dumps({"step": step, "loss": 5.0 / step, "grad_norm": 1.0,
+                            "step_time_s": 0.1, "tokens_per_s": 640.0}) + "\n")
     acc = cfg.optimizer.lr * 100 + cfg.model.d_model / 1000
     s = {"params": 1000 * cfg.model.d_model, "tokens_per_s": 1e4 / cfg.model.n_layers,
          "step_time_s": 0.01, "val_loss": 2.0 - acc, "mfu": None,

@@ -3,8 +3,9 @@
   quality_vs_throughput.png  validation quality vs training tokens/s, one
                              point per run, the Pareto front marked; one
                              panel per task.
-  loss_curves.png            training loss vs tokens seen and vs wall time,
-                             from each run's metrics.jsonl; a row per task.
+  loss_curves.png            training loss vs tokens seen and vs training
+                             time, from each run's metrics.jsonl; a row per
+                             task.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ def read_metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def train_curve(records: Sequence[dict]) -> tuple[list, list, list]:
-  """(tokens, wall seconds, train loss) of the training records."""
-  train = [r for r in records if "loss" in r]
-  return ([r["tokens"] for r in train], [r["time_s"] for r in train],
-          [r["loss"] for r in train])
+def train_curve(records: Sequence[dict], tokens_per_step: int) -> tuple[list, list, list]:
+  """(tokens, training seconds, train loss) of the logged training steps.
+
+  The trainer's records carry the step and its running mean steady-state
+  step time, so training time at step s is s * step_time_s: compile, eval
+  and checkpoint time excluded, which is what a throughput comparison wants.
+  """
+  train = [r for r in records if "loss" in r and r.get("step_time_s") is not None]
+  return ([r["step"] * tokens_per_step for r in train],
+          [r["step"] * r["step_time_s"] for r in train], [r["loss"] for r in train])
 
 
 def loss_curves(rows: Sequence[dict], path: str) -> str:
@@ -91,13 +97,13 @@ def loss_curves(rows: Sequence[dict], path: str) -> str:
                            squeeze=False)
   for (ax_tok, ax_time), (task, rs) in zip(axes, sorted(tasks.items())):
     for r in rs:
-      tokens, secs, loss = train_curve(read_metrics(r["run_dir"]))
+      tokens, secs, loss = train_curve(read_metrics(r["run_dir"]), r["tokens_per_step"])
       if loss:
         ax_tok.plot(tokens, loss, lw=1, label=r["mixer"])
         ax_time.plot(secs, loss, lw=1, label=r["mixer"])
     ax_tok.set(xlabel="tokens", ylabel="train loss", title=f"{task}: loss vs tokens")
-    ax_time.set(xlabel="wall time (s)", ylabel="train loss",
-                title=f"{task}: loss vs wall time")
+    ax_time.set(xlabel="training time (s): steps x measured step time",
+                ylabel="train loss", title=f"{task}: loss vs training time")
     if ax_tok.lines:
       ax_time.legend(fontsize=6, ncol=2)
   fig.tight_layout()
@@ -109,3 +115,35 @@ def loss_curves(rows: Sequence[dict], path: str) -> str:
 def sweep_plots(rows: Sequence[dict], out: str) -> list[str]:
   return [quality_vs_throughput(rows, os.path.join(out, "quality_vs_throughput.png")),
           loss_curves(rows, os.path.join(out, "loss_curves.png"))]
+
+
+def bench_plot(report: dict, path: str) -> str:
+  """Log-log: forward+backward time and temp memory per sequence vs length,
+  decode time per token vs context; one line per mixer."""
+  fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(17, 5))
+  for m in report["mixers"]:
+    tr = m["train"]
+    if tr:
+      Ls = [t["length"] for t in tr]
+      ax_t.plot(Ls, [t["fwd_bwd_s"] / t["batch"] * 1e3 for t in tr], "-o", ms=3,
+                label=m["mixer"])
+      ax_m.plot(Ls, [max(t["temp_bytes"], 1) / t["batch"] / 2**20 for t in tr],
+                "-o", ms=3, label=m["mixer"])
+    if m["decode"]:
+      ax_d.plot([d["context"] for d in m["decode"]],
+                [d["s_per_token"] * 1e3 for d in m["decode"]], "-o", ms=3,
+                label=m["mixer"])
+  env = report["environment"]
+  for ax, ylabel, title in (
+      (ax_t, "ms per sequence", "forward+backward time"),
+      (ax_m, "MiB per sequence", "temporary memory (compiled fwd+bwd)"),
+      (ax_d, "ms per token", "decode step vs context")):
+    ax.set(xscale="log", yscale="log", ylabel=ylabel, title=title,
+           xlabel="context length" if ax is ax_d else "sequence length L")
+  ax_d.legend(fontsize=7, ncol=2)
+  fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
+               f"{env['tokens_per_batch']} tokens/batch", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -55,6 +55,7 @@ def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
        "d_model": cfg.model.d_model, "lr": cfg.optimizer.lr,
        "status": entry.get("status", ""), "error": entry.get("error", ""),
        "run_dir": cfg.train.run_dir, "labels": labels,
+       "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
        # runs that differ only in lr share a group (best-of-lr selection)
        "group": configs.dumps(configs.replace(
            cfg, optimizer={"lr": 0.0}, train={"run_dir": ""}))}

@@ -45,7 +45,6 @@ from train import configs, results
 from train.config import Config
 
 STATE = "sweep.json"
-SUMMARY = "summary.json"
 TRACEBACK = "traceback.txt"
 DONE, FAILED, RUNNING = "done", "failed", "running"
 
@@ -208,7 +207,6 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
       state[v.name].update(status=FAILED, error=f"{type(e).__name__}: {e}")
       log(f"    failed: {type(e).__name__}: {e}")
     else:
-      _write_json(os.path.join(cfg.train.run_dir, SUMMARY), summary)
       state[v.name].update(status=DONE, summary=summary)
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
