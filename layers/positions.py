@@ -15,12 +15,15 @@ positions (within a segment, for packed rows).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from layers.registry import Registry
 
-REGISTRY: Registry["Position"] = Registry("position scheme", ("head_dim",))
+# num_heads is supplied by the mixer, so it is not a user option.
+REGISTRY: Registry["Position"] = Registry("position scheme", ("head_dim", "num_heads"))
 register = REGISTRY.register
 names = REGISTRY.names
 
@@ -82,6 +85,9 @@ class RoPE(Position):
   m * base^(-2i/d).
   """
 
+  # Multiplies q and k after rotation (YaRN's attention temperature).
+  mscale: float = 1.0
+
   def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0):
     super().__init__(head_dim, num_heads=num_heads)
     if head_dim % 2:
@@ -92,10 +98,137 @@ class RoPE(Position):
     return rope_frequencies(self.head_dim, self.base)
 
   def queries(self, q, pos):
-    return apply_rotary(q, pos, self.inv_freq())
+    return self._rotate(q, pos)
 
   def keys(self, k, pos):
-    return apply_rotary(k, pos, self.inv_freq())
+    return self._rotate(k, pos)
+
+  def _rotate(self, x, pos):
+    y = apply_rotary(x, pos, self.inv_freq())
+    return y if self.mscale == 1.0 else (y * self.mscale).astype(x.dtype)
+
+
+def _check_factor(factor: float):
+  if not factor >= 1.0:
+    raise ValueError(f"context extension factor must be >= 1, got {factor}")
+
+
+class _ScaledRoPE(RoPE):
+  """RoPE whose frequencies depend on a context-extension `factor`."""
+
+  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0,
+               factor: float = 2.0):
+    super().__init__(head_dim, num_heads=num_heads, base=base)
+    _check_factor(factor)
+    self.factor = factor
+
+
+@register("rope_linear")
+class RoPELinear(_ScaledRoPE):
+  """RoPE with linear position interpolation (Chen et al., 2023, "Extending
+  Context Window of Large Language Models via Positional Interpolation"):
+  position m is rotated as m / factor, so a model trained at length L sees
+  angles from its training range at factor * L."""
+
+  def inv_freq(self):
+    return rope_frequencies(self.head_dim, self.base) / self.factor
+
+
+@register("rope_ntk")
+class RoPENTK(_ScaledRoPE):
+  """NTK-aware RoPE scaling (bloc97, 2023; analysed in YaRN, Peng et al.,
+  2023): the base becomes base * factor^(d / (d - 2)), which stretches low
+  frequencies by ~factor while leaving the highest one unchanged."""
+
+  def inv_freq(self):
+    d = self.head_dim
+    return rope_frequencies(d, self.base * self.factor ** (d / (d - 2)))
+
+
+@register("yarn")
+class YaRN(RoPE):
+  """YaRN (Peng et al., 2023, arXiv:2309.00071): per-frequency blend of
+  interpolation (low frequencies, divided by factor) and extrapolation (high
+  frequencies), with a linear ramp between the dimensions that rotate
+  beta_fast and beta_slow times over the original context, plus attention
+  temperature sqrt(1/t) = 0.1 ln(factor) + 1 applied to q and k. Matches
+  HuggingFace's "yarn" rope type."""
+
+  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0,
+               factor: float = 4.0, original_max_len: int = 2048,
+               beta_fast: float = 32.0, beta_slow: float = 1.0):
+    super().__init__(head_dim, num_heads=num_heads, base=base)
+    _check_factor(factor)
+    self.factor, self.original_max_len = factor, original_max_len
+    self.beta_fast, self.beta_slow = beta_fast, beta_slow
+    self.mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+  def _correction_dim(self, rotations: float) -> float:
+    d = self.head_dim
+    return d * math.log(self.original_max_len / (rotations * 2 * math.pi)) / (
+        2 * math.log(self.base))
+
+  def inv_freq(self):
+    d = self.head_dim
+    low = max(math.floor(self._correction_dim(self.beta_fast)), 0)
+    high = min(math.ceil(self._correction_dim(self.beta_slow)), d - 1)
+    high = high + 0.001 if low == high else high
+    ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1.0 - ramp  # 1 for high frequencies: keep them as trained
+    freq = rope_frequencies(d, self.base)
+    return freq / self.factor * (1 - extrapolate) + freq * extrapolate
+
+
+@register("rope_llama3")
+class RoPELlama3(RoPE):
+  """Llama 3.1 RoPE scaling (Meta, 2024): wavelengths longer than
+  original_max_len / low_freq_factor are interpolated by `factor`, those
+  shorter than original_max_len / high_freq_factor are kept, and the band
+  between is blended smoothly."""
+
+  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 500000.0,
+               factor: float = 8.0, low_freq_factor: float = 1.0,
+               high_freq_factor: float = 4.0, original_max_len: int = 8192):
+    super().__init__(head_dim, num_heads=num_heads, base=base)
+    _check_factor(factor)
+    if not high_freq_factor > low_freq_factor:
+      raise ValueError("rope_llama3 needs high_freq_factor > low_freq_factor")
+    self.factor, self.original_max_len = factor, original_max_len
+    self.low, self.high = low_freq_factor, high_freq_factor
+
+  def inv_freq(self):
+    freq = rope_frequencies(self.head_dim, self.base)
+    wavelen = 2 * math.pi / freq
+    smooth = (self.original_max_len / wavelen - self.low) / (self.high - self.low)
+    blended = (1 - smooth) * freq / self.factor + smooth * freq
+    out = jnp.where(wavelen > self.original_max_len / self.low, freq / self.factor, freq)
+    medium = ((wavelen >= self.original_max_len / self.high)
+              & (wavelen <= self.original_max_len / self.low))
+    return jnp.where(medium, blended, out)
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """Head slopes 2^(-8 i / n), with the paper's interleaving for n not a
+  power of two."""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  closest = 2 ** math.floor(math.log2(num_heads))
+  slopes = powers(closest)
+  if closest < num_heads:
+    slopes += powers(2 * closest)[0::2][:num_heads - closest]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+@register("alibi")
+class ALiBi(Position):
+  """ALiBi (Press et al., 2022, "Train Short, Test Long"): no embedding; the
+  score of query i for key j gets -m_h * (i - j), a per-head linear
+  distance penalty that extrapolates to longer contexts."""
+
+  def bias(self, q_pos, k_pos):
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B,Lq,Lk]
+    return -alibi_slopes(self.num_heads)[None, :, None, None] * dist[:, None]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

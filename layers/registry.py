@@ -154,5 +154,6 @@ class Registry(Generic[T]):
             f"got {value!r} ({type(value).__name__}).")
 
   def build(self, name: str, *args, **options) -> T:
-    self.validate(name, {k: v for k, v in options.items() if k != "rngs"})
+    self.validate(name, {k: v for k, v in options.items()
+                         if k != "rngs" and k not in self.positional})
     return self.get(name)(*args, **options)

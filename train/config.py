@@ -14,15 +14,20 @@ from arches.lm import LMConfig
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  """See train/data.py. `seed` fixes the text train/validation split and the
+  validation set; the training order comes from the trainer's seed."""
   task: str = "text"          # "text" | "mqar" | "selective_copy" | "induction"
-  path: str = ""              # text only; "" = the embedded corpus
+  path: str = ""              # text: file, folder or glob; "" = the embedded corpus
   seq_len: int = 128
-  val_fraction: float = 0.05
+  val_fraction: float = 0.05  # text: fraction of documents held out
   pack: bool = False          # pack documents with segment ids (text)
   seed: int = 0
+  prefetch: int = 2           # batches prepared ahead by a background thread; 0 = none
   # synthetic tasks
-  num_kv_pairs: int = 8
-  vocab_size: int = 256
+  num_kv_pairs: int = 8       # mqar
+  mqar_power_a: float = 0.01  # mqar query-gap power law (Zoology's power_a)
+  copy_tokens: int = 16       # selective_copy: tokens to copy
+  vocab_size: int = 256       # synthetic tasks; text is bytes (256)
 
 
 @dataclasses.dataclass(frozen=True)
