@@ -36,16 +36,17 @@ def _load(args) -> "configs.Config":
 
 
 def cmd_train(args) -> int:
-  from train import loop  # the trainer's imports are heavy; only when used
-  cfg = _load(args)
+  cfg = _load(args)  # config errors first, before the trainer's heavy imports
+  from train import loop
   print(f"run dir: {cfg.train.run_dir}  (config: {configs.save(cfg, cfg.train.run_dir)})")
   print(json.dumps(loop.run(cfg), indent=1, default=str))
   return 0
 
 
 def cmd_eval(args) -> int:
+  cfg = _load(args)
   from train import loop
-  print(json.dumps(loop.evaluate(_load(args)), indent=1, default=str))
+  print(json.dumps(loop.evaluate(cfg), indent=1, default=str))
   return 0
 
 
