@@ -11,6 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_research_notebook_executes_tiny(tmp_path, monkeypatch):
+  pytest.importorskip("train.loop")  # the notebook trains with the trainer
   # The kernel inherits the environment: tiny sizes, outputs in tmp, this checkout.
   monkeypatch.setenv("MIXERLAB_TINY", "1")
   monkeypatch.setenv("MIXERLAB_OUT", str(tmp_path))

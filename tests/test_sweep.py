@@ -77,6 +77,20 @@ def test_registered_axis_has_one_run_per_mixer(tmp_path):
   assert sw.config(sw.variants[0]).model.d_model == 32  # base not reset by include
 
 
+def test_inline_base_and_list_values(tmp_path):
+  path = sweep_file(tmp_path, """
+base: {model: {d_model: 40}, train: {steps: 2}}
+grid:
+  model.mixer: [attention, [attention, {name: attention, num_kv_heads: 1}]]
+""")
+  sw = sweep.load(path)
+  assert [v.name for v in sw.variants] == [
+      "mixer=attention", "mixer=attention+attention-num_kv_heads1"]
+  cfg = sw.config(sw.variants[1])
+  assert cfg.model.d_model == 40 and cfg.train.steps == 2
+  assert cfg.model.mixer_specs()[1] == ("attention", {"num_kv_heads": 1})
+
+
 def test_bad_sweep_files_fail_fast(tmp_path):
   with pytest.raises(configs.ConfigError, match="unknown sweep keys.*'grdi'"):
     sweep.load(sweep_file(tmp_path, "grdi: {}\n"))

@@ -42,6 +42,9 @@ from layers.mixers.base import TRAIN_COSTS
 from layers.params import count_params
 
 
+PREFILL_CHUNK = 1024  # tokens per prefill call: bounds the memory of long prefills
+
+
 def _opt(default, help: str):
   return dataclasses.field(default=default, metadata={"help": help})
 
@@ -66,6 +69,10 @@ class BenchSpec:
     if max(self.lengths) > self.tokens:
       raise ValueError(f"tokens={self.tokens} must be >= the largest length "
                        f"{max(self.lengths)} (batch = tokens // length)")
+    bad = [c for c in self.contexts if c > PREFILL_CHUNK and c % PREFILL_CHUNK]
+    if bad:
+      raise ValueError(f"decode contexts {bad} must be <= {PREFILL_CHUNK} or "
+                       f"multiples of it (the prefill chunk)")
     lo, hi = self.fit
     if sum(lo <= L <= hi for L in self.lengths) < 2:
       raise ValueError(f"fit range {self.fit} must hold at least two of the "
@@ -151,7 +158,7 @@ def decode_cost(module, spec: BenchSpec, ctx: int) -> dict:
     return nnx.merge(graphdef, params)(x, cache=cache)
 
   cache = module.init_cache(1, ctx + spec.repeats + 2, dtype)
-  chunk = min(ctx, 1024)
+  chunk = min(ctx, PREFILL_CHUNK)
   piece = _inputs(1, chunk, spec.d_model, dtype)
   for _ in range(ctx // chunk):  # prefill in chunks: bounded memory per call
     _, cache = step(params, cache, piece)
