@@ -41,7 +41,8 @@ class OptimizerConfig:
   schedule: str = "cosine"    # "cosine" | "linear" | "constant"
   warmup_steps: int = 20
   min_lr_ratio: float = 0.1
-  clip_norm: float = 1.0
+  clip_norm: float = 1.0       # global-norm clipping; 0 turns it off
+  eps: float = 1e-8           # AdamW only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,16 @@ class TrainConfig:
   keep_checkpoints: int = 2
   run_dir: str = "runs/default"
   seed: int = 0
+  eval_lengths: tuple[int, ...] = ()  # final eval at these multiples of seq_len
+  async_checkpoint: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1              # -1: all devices not used by other axes
   fsdp: int = 1
+  # logical axis name -> mesh axis; unnamed axes are replicated
+  rules: dict = dataclasses.field(default_factory=lambda: {"embed": "fsdp"})
 
 
 @dataclasses.dataclass(frozen=True)

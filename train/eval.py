@@ -1,0 +1,77 @@
+"""Validation: loss, perplexity, bits per byte (byte-level text) or accuracy
+(synthetic tasks) over fixed eval batches, and the same at longer contexts
+(length extrapolation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from train.config import DataConfig
+from train.sharding import batch_divisor, batch_sharding
+from train.state import Setup, TrainState
+
+
+def byte_level(data_cfg: DataConfig) -> bool:
+  """Text is modelled as raw bytes (one token per byte), so bits per byte
+  is the loss in bits; synthetic tasks report accuracy instead."""
+  return data_cfg.task == "text"
+
+
+def put_batches(batches, setup: Setup) -> list[dict]:
+  """Global host batches -> arrays split over the mesh (done once; the
+  eval set is reused at every eval)."""
+  sharding = batch_sharding(setup.mesh)
+  return [{k: jax.device_put(np.asarray(v), sharding) for k, v in b.items()}
+          for b in batches]
+
+
+def summarize(sums: dict, data_cfg: DataConfig) -> dict:
+  """val_loss (nats/token), val_ppl, and val_bpb or val_accuracy."""
+  count = max(sums["count"], 1.0)
+  loss = sums["nll"] / count
+  out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+  if byte_level(data_cfg):
+    out["val_bpb"] = loss / math.log(2)
+  else:
+    out["val_accuracy"] = sums["correct"] / count
+  return out
+
+
+def evaluate_batches(eval_step, state: TrainState, batches, data_cfg: DataConfig) -> dict:
+  """Token-weighted metrics over device batches (see `summarize`)."""
+  per_batch = [eval_step(state, b) for b in batches]  # dispatch all, then sync
+  sums = {k: float(np.sum([jax.device_get(s[k]) for s in per_batch]))
+          for k in per_batch[0]}
+  return summarize(sums, data_cfg)
+
+
+def eval_batch_size(setup: Setup, multiple: int = 1) -> int:
+  """The micro-batch size, cut by `multiple` so a long-context eval batch
+  holds about as many tokens, kept divisible by the mesh."""
+  micro = setup.cfg.train.batch_size // setup.cfg.train.grad_accum
+  n = batch_divisor(setup.mesh)
+  return max(n, micro // multiple // n * n)
+
+
+def evaluate_lengths(setup: Setup, state: TrainState, multiples, *,
+                     eval_step, make_batches=None, n_batches: int | None = None) -> dict:
+  """Validation metrics at context multiples x seq_len, e.g. (1, 2, 4, 8):
+  {multiple: summarize(...)}. `eval_step` is jitted, so each new length
+  compiles once. make_batches(data_cfg, batch_size, n_batches) gives host
+  batches (default: train.data.make_eval_batches)."""
+  if make_batches is None:
+    from train.data import make_eval_batches as make_batches
+  n_batches = setup.cfg.train.eval_batches if n_batches is None else n_batches
+  out = {}
+  for m in multiples:
+    if not isinstance(m, int) or m < 1:
+      raise ValueError(f"eval_lengths holds context multiples >= 1, got {m!r}")
+    data_cfg = dataclasses.replace(setup.cfg.data, seq_len=m * setup.cfg.data.seq_len)
+    batches = put_batches(make_batches(data_cfg, eval_batch_size(setup, m), n_batches),
+                          setup)
+    out[m] = evaluate_batches(eval_step, state, batches, data_cfg)
+  return out

@@ -1,0 +1,268 @@
+"""The training run: `run(cfg)` trains with periodic eval and checkpoints
+and returns a summary; `evaluate(cfg)` scores the latest checkpoint.
+
+    summary = run(Config(model=LMConfig(d_model=64), train=TrainConfig(steps=500)))
+
+run_dir gets config.json (the resolved config), data.json (the corpus
+fingerprint), metrics.jsonl, tb/ (TensorBoard), checkpoints/ and
+summary.json. Starting a run whose run_dir holds checkpoints resumes from
+the latest one: parameters, optimizer, step, rng and data position, so the
+loss curve continues as if never interrupted.
+
+The host never waits on the step it just dispatched: it pulls and ships the
+next batch, then reads the previous step's loss. Every loss is checked; a
+non-finite one stops the run before any later checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from train import eval as evaluation
+from train.checkpoint import Checkpointer
+from train.config import Config
+from train.metrics import RunLog, StepTimer, mfu, peak_memory_bytes
+from train.sharding import shard_batch
+from train.state import Setup, TrainState, build
+from train.step import check_batch_shape, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def config_dict(cfg: Config) -> dict:
+  out = {f.name: dataclasses.asdict(getattr(cfg, f.name))
+         for f in dataclasses.fields(cfg) if f.name != "model"}
+  return {"model": cfg.model.to_dict(), **out}
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _abstract_batch(batch: dict):
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+          for k, v in batch.items()}
+
+
+def _timed_compile(jitted, *args):
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class _Pending:
+  """A dispatched step whose metrics the host has not read yet."""
+  step: int
+  metrics: dict
+
+
+class Trainer:
+  """One run's moving parts; `run` drives it. Notebooks may use `setup`,
+  `train_step` and `eval_step` directly."""
+
+  def __init__(self, cfg: Config, train_iter, eval_batches):
+    self.cfg, self.tc = cfg, cfg.train
+    self.setup: Setup = build(cfg)
+    check_batch_shape(self.setup, self.tc.batch_size)
+    self.train_iter = train_iter
+    self.eval_batches = evaluation.put_batches(eval_batches, self.setup)
+    self.ckpt = Checkpointer(os.path.join(self.tc.run_dir, "checkpoints"),
+                             keep=self.tc.keep_checkpoints,
+                             async_save=self.tc.async_checkpoint)
+    self.train_step = make_train_step(self.setup)
+    self.eval_step = make_eval_step(self.setup)
+    # Replaced by AOT-compiled executables once the first batch is seen.
+    self._train_exec, self._eval_exec = self.train_step, self.eval_step
+    self.compile_times = {"compile_time_s": None, "eval_compile_time_s": None}
+    self.timer = StepTimer()
+    self.last_loss = None
+    self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
+
+  # -- state -----------------------------------------------------------------
+
+  def restore_or_init(self) -> tuple[TrainState, int]:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return self.setup.init_state(), 0
+    state, data_state = self.ckpt.restore(step, self.setup.abstract_state)
+    self.train_iter.set_state(data_state)
+    return state, step
+
+  def next_batch(self) -> tuple[dict, dict]:
+    """(device batch, iterator state after it: where a resume continues)."""
+    batch = shard_batch(next(self.train_iter), self.setup.mesh)
+    return batch, self.train_iter.get_state()
+
+  # -- per-step bookkeeping --------------------------------------------------
+
+  def record(self, pending: _Pending | None, log: RunLog):
+    """Read a finished step's metrics, stop on non-finite, log."""
+    if pending is None:
+      return
+    m = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+    self.timer.step_done()
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+      log.write(pending.step, m)
+      raise NonFiniteLossError(
+          f"non-finite loss {m['loss']} (grad norm {m['grad_norm']}) at step "
+          f"{pending.step}; stopped. The last good checkpoint (step "
+          f"{self.ckpt.latest_step()}) in {self.tc.run_dir} is intact: lower "
+          f"OptimizerConfig.lr or check the data, then rerun to resume from it.")
+    self.last_loss = m["loss"]
+    if pending.step % self.tc.log_every == 0 or pending.step == self.tc.steps:
+      m.update(self.speed())
+      log.write(pending.step, m)
+      tps = m["tokens_per_s"]
+      log.progress(pending.step, f"loss {m['loss']:.4f}" +
+                   (f", {tps:,.0f} tok/s" if tps else ""))
+
+  def speed(self) -> dict:
+    t = self.timer.step_time
+    return {"step_time_s": t, "tokens_per_s": t and self.tokens_per_step / t}
+
+  def run_eval(self, state: TrainState, step: int, log: RunLog) -> dict:
+    self.timer.exclude_current()
+    metrics = evaluation.evaluate_batches(self._eval_exec, state, self.eval_batches,
+                                          self.cfg.data)
+    log.write(step, metrics)
+    return metrics
+
+  # -- the loop --------------------------------------------------------------
+
+  def fit(self, state: TrainState, start: int, log: RunLog) -> TrainState:
+    total, pending = self.tc.steps, None
+    if start >= total:
+      return state
+    batch, data_state = self.next_batch()
+    self.compile_times = self.compile(batch)
+    for step in range(start + 1, total + 1):
+      state, metrics = self._train_exec(state, batch)
+      step_data_state = data_state
+      if step < total:  # overlaps the step running on the device
+        batch, data_state = self.next_batch()
+      self.record(pending, log)
+      pending = _Pending(step, metrics)
+      if self.tc.eval_every and step % self.tc.eval_every == 0 and step < total:
+        self.record(pending, log)
+        pending = None
+        self.run_eval(state, step, log)
+      if step == total or (self.tc.checkpoint_every and
+                           step % self.tc.checkpoint_every == 0):
+        self.record(pending, log)  # never checkpoint past a bad loss
+        pending = None
+        self.timer.exclude_current()
+        self.ckpt.save(step, state, step_data_state)
+    return state
+
+  def compile(self, batch: dict) -> dict:
+    """AOT-compile both steps, so compile time is measured on its own and
+    a mismatched input fails loudly instead of recompiling."""
+    abstract = self.setup.abstract_state
+    self._train_exec, t_train = _timed_compile(self.train_step, abstract,
+                                               _abstract_batch(batch))
+    self._eval_exec, t_eval = _timed_compile(self.eval_step, abstract,
+                                             _abstract_batch(self.eval_batches[0]))
+    return {"compile_time_s": t_train, "eval_compile_time_s": t_eval}
+
+  def summary(self, final: dict, log: RunLog) -> dict:
+    speed = self.speed()
+    devices = self.setup.mesh.devices.ravel().tolist()
+    flops = 3.0 * self.setup.flops_per_token()
+    return {
+        "run_dir": self.tc.run_dir, "steps": self.tc.steps,
+        "params": self.setup.num_params(),
+        "devices": len(devices), "device_kind": devices[0].device_kind,
+        **speed, **self.compile_times,
+        "train_flops_per_token": flops,
+        "mfu": mfu(flops, speed["tokens_per_s"], devices, self.cfg.model.dtype),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "train_loss": self.last_loss if self.last_loss is not None else log.last_loss,
+        **final,
+    }
+
+
+def _check_data_fits(cfg: Config, vocab_size: int):
+  if vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"data {cfg.data.task!r} uses {vocab_size} token ids but "
+                     f"LMConfig.vocab_size={cfg.model.vocab_size}; raise vocab_size")
+  if cfg.train.eval_batches < 1 or cfg.train.log_every < 1:
+    raise ValueError(f"TrainConfig.eval_batches and log_every must be >= 1, got "
+                     f"{cfg.train.eval_batches} and {cfg.train.log_every}")
+
+
+def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
+  """`run` with the data given: `train_iter` yields host batches (this
+  process's rows) and has get_state()/set_state(); `eval_batches` is a
+  list of global host batches; `data_info` is written to run_dir/data.json."""
+  tc = cfg.train
+  os.makedirs(tc.run_dir, exist_ok=True)
+  _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
+  _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
+  trainer = Trainer(cfg, train_iter, eval_batches)
+  state, start = trainer.restore_or_init()
+  log = RunLog(tc.run_dir, start_step=start, total_steps=tc.steps)
+  try:
+    state = trainer.fit(state, start, log)
+    final = trainer.run_eval(state, tc.steps, log)
+    if tc.eval_lengths:
+      final["eval_lengths"] = evaluation.evaluate_lengths(
+          trainer.setup, state, tc.eval_lengths, eval_step=trainer.eval_step)
+  finally:
+    trainer.ckpt.wait()  # a failed run still leaves its last save complete
+    trainer.ckpt.close()
+    log.close()
+  summary = trainer.summary(final, log)
+  _write_json(os.path.join(tc.run_dir, "summary.json"), summary)
+  return summary
+
+
+def run(cfg: Config) -> dict:
+  """Train `cfg` (resuming from run_dir if it holds checkpoints), eval
+  periodically and at the end; returns the summary also written to
+  run_dir/summary.json: params, tokens_per_s, step_time_s, compile_time_s,
+  mfu, peak_memory_bytes, train_loss, val_loss, val_ppl, val_bpb or
+  val_accuracy, eval_lengths (if asked), run_dir."""
+  from train import data
+  tc = cfg.train
+  _check_data_fits(cfg, data.vocab_size_for(cfg.data))
+  train_iter = data.make_train_iter(cfg.data, tc.batch_size, seed=tc.seed,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  eval_batches = data.make_eval_batches(cfg.data, tc.batch_size // tc.grad_accum,
+                                        tc.eval_batches)
+  return train(cfg, train_iter, eval_batches,
+               data_info={"corpus_fingerprint": data.corpus_fingerprint(cfg.data)})
+
+
+def evaluate(cfg: Config) -> dict:
+  """Validation metrics of the latest checkpoint in cfg.train.run_dir
+  (plus eval_lengths if cfg.train.eval_lengths is set)."""
+  from train import data
+  setup = build(cfg)
+  directory = os.path.join(cfg.train.run_dir, "checkpoints")
+  ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  state, _ = ckpt.restore(step, setup.abstract_state)
+  ckpt.close()
+  eval_step = make_eval_step(setup)
+  batches = evaluation.put_batches(data.make_eval_batches(
+      cfg.data, evaluation.eval_batch_size(setup), cfg.train.eval_batches), setup)
+  out = {"step": step, **evaluation.evaluate_batches(eval_step, state, batches, cfg.data)}
+  if cfg.train.eval_lengths:
+    out["eval_lengths"] = evaluation.evaluate_lengths(
+        setup, state, cfg.train.eval_lengths, eval_step=eval_step)
+  return out

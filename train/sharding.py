@@ -1,0 +1,102 @@
+"""Device mesh and sharding rules.
+
+The trainer always runs on a `Mesh` with axes ("data", "fsdp"), one device
+or many. Parameters carry logical axis names (layers/params.py); `RULES` map
+a logical name to a mesh axis, so sharding a model is a table, not a model
+rewrite. The default shards every "embed" dimension over "fsdp" (ZeRO-3
+style: XLA all-gathers a weight where it is used) and replicates the rest.
+A dimension the mesh axis does not divide, or a mesh axis already used by an
+earlier dimension of the same array, stays replicated. Batches are split
+over both axes.
+
+Optimizer moments are `nnx.Param`s with the same metadata as the parameters
+they track (optax maps over the Variables), so one rule covers the whole
+train state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from train.config import MeshConfig
+
+AXES = ("data", "fsdp")
+BATCH_AXES = AXES  # the batch dimension is split over every mesh axis
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp") mesh over `devices` (default: all). data=-1 takes
+  every device the fsdp axis leaves over."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if cfg.fsdp < 1 or n % cfg.fsdp:
+    raise ValueError(f"MeshConfig.fsdp={cfg.fsdp} must be >= 1 and divide the "
+                     f"{n} available devices")
+  data = n // cfg.fsdp if cfg.data == -1 else cfg.data
+  if data < 1 or data * cfg.fsdp > n:
+    raise ValueError(f"MeshConfig data={cfg.data} x fsdp={cfg.fsdp} needs "
+                     f"{data * cfg.fsdp} devices; {n} are available (data=-1 "
+                     f"uses all that fsdp leaves)")
+  grid = np.asarray(devices[:data * cfg.fsdp], dtype=object).reshape(data, cfg.fsdp)
+  return Mesh(grid, AXES)
+
+
+def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
+                   mesh_shape: dict[str, int], rules: dict[str, str]) -> P:
+  """PartitionSpec for one array from its logical axis names (see module doc)."""
+  if logical_axes is None:
+    return P()
+  used, spec = set(), []
+  for name, size in zip(logical_axes, shape, strict=True):
+    axis = rules.get(name)
+    if axis is None or axis in used or size % mesh_shape[axis]:
+      spec.append(None)
+    else:
+      used.add(axis)
+      spec.append(axis)
+  return P(*spec)
+
+
+def check_rules(rules: dict[str, str]) -> dict[str, str]:
+  for name, axis in rules.items():
+    if axis not in AXES:
+      raise ValueError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {AXES}")
+  return dict(rules)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules: dict[str, str]):
+  """NamedShardings for a pytree whose Variables carry `logical_axes`;
+  everything else (step, rng, optimizer counts) is replicated."""
+  rules = check_rules(rules)
+  mesh_shape = dict(mesh.shape)
+
+  def leaf(x):
+    if isinstance(x, nnx.Variable):
+      spec = partition_spec(x.get_metadata().get("logical_axes"), x.shape,
+                            mesh_shape, rules)
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(leaf, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over every mesh axis, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host batch (this process's rows) -> global arrays split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
