@@ -57,6 +57,7 @@ def cmd_sweep(args) -> int:
   if args.best_lr:
     sw = dataclasses.replace(sw, best_lr=True)
   out = args.out or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(path))[0])
+  sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides)
   from train import results
   print("\n" + results.markdown(res["shown"]))

@@ -171,6 +171,18 @@ def config_hash(cfg: Config) -> str:
   return hashlib.sha1(configs.dumps(cfg).encode()).hexdigest()[:12]
 
 
+def use_compile_cache(out: str) -> str:
+  """Keep XLA executables in <out>/xla_cache (jax's persistent compilation
+  cache, process-wide). Runs that differ only in data (text vs MQAR at the
+  same shapes) or a re-invoked sweep then skip compilation, which dominates
+  tiny runs. Call before anything compiles."""
+  import jax
+  path = os.path.abspath(os.path.join(out, "xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return path
+
+
 def trainer_run(cfg: Config) -> dict:
   from train import loop  # the trainer pulls in orbax/grain; import on use
   return loop.run(cfg)
