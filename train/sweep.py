@@ -87,13 +87,17 @@ def _override(key: str, value) -> str:
   return f"{key}={json.dumps(value)}"
 
 
+def _label(key: str, value) -> str:
+  """"lr=0.001" for optimizer.lr = 0.001."""
+  return f"{key.rsplit('.', 1)[-1]}={slug(value)}"
+
+
 def _axis(key: str, values, here: str) -> list[tuple[str, dict]]:
   """[(label, {"files": [...]} or {"overrides": [...]})] for one grid axis."""
   if "." in key:
     if not isinstance(values, list):
       raise configs.ConfigError(f"grid axis {key!r} needs a list of values, got {values!r}")
-    short = key.rsplit(".", 1)[1]
-    return [(f"{short}={slug(v)}", {"overrides": [_override(key, v)]}) for v in values]
+    return [(_label(key, v), {"overrides": [_override(key, v)]}) for v in values]
   if isinstance(values, Mapping) and set(values) == {"registered"}:
     folder = os.path.join(here, values["registered"])
     return [(n, {"files": [os.path.join(folder, f"{n}.yaml")]}) for n in mixers.names()]
@@ -109,10 +113,14 @@ def _variant_part(spec: Mapping, here: str) -> tuple[str, dict]:
   spec = dict(spec)
   name = spec.pop("name", None)
   files = [os.path.join(here, f) for f in spec.pop("files", [])]
+  plain = [k for k in spec if "." not in k]
+  if plain:
+    raise configs.ConfigError(f"variant keys {plain}: a variant holds `name`, "
+                              "`files` and dotted config keys (model.d_model)")
   overrides = [_override(k, v) for k, v in spec.items()]
   label = name or "__".join(
       [*(os.path.splitext(os.path.basename(f))[0] for f in files),
-       *(f"{k.rsplit('.', 1)[-1]}={slug(v)}" for k, v in spec.items())])
+       *(_label(k, v) for k, v in spec.items())])
   return label, {"files": files, "overrides": overrides}
 
 
@@ -130,7 +138,7 @@ def load(path: str) -> Sweep:
   inline = base if isinstance(base, Mapping) else {}
   base_files = () if inline else tuple(
       os.path.join(here, b) for b in ([base] if isinstance(base, str) else base))
-  axes = [[(f"{k}", lab, part) for lab, part in _axis(k, v, here)]
+  axes = [[(k, lab, part) for lab, part in _axis(k, v, here)]
           for k, v in raw.get("grid", {}).items()]
   if "variants" in raw:
     axes.append([("variant", *_variant_part(v, here)) for v in raw["variants"]])
