@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import sys
 
 import pytest
 
@@ -148,3 +149,34 @@ def test_pareto_front():
   assert plots.pareto_front(xs, ys, higher_y=True) == [0, 1, 2, 3]
   assert plots.pareto_front(xs, ys, higher_y=False) == [3]
   assert results.quality({"val_loss": 1.0, "val_accuracy": None}) == ("val_loss", 1.0, False)
+
+
+CRASHING_WORKER = """
+import os, signal, sys
+from train import sweep
+sw_path, out = sys.argv[1:3]
+skip = [s for s in sys.argv[sys.argv.index("--skip") + 1].split(",") if s]
+
+def run(cfg):
+  if cfg.train.run_dir.endswith("b"):
+    os.kill(os.getpid(), signal.SIGSEGV)  # a hard crash, as in XLA or a kernel
+  return {"params": 1, "val_loss": 1.0}
+
+sweep.run_sweep(sweep.load(sw_path), out, run_fn=run, skip=skip, log=lambda _: None)
+"""
+
+
+def test_supervisor_records_a_hard_crash_and_goes_on(tmp_path, monkeypatch):
+  path = sweep_file(tmp_path, "base: base.yaml\nvariants: [{name: a}, {name: b}, {name: c}]\n")
+  out = str(tmp_path / "out")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  rc = sweep.supervise([sys.executable, "-c", CRASHING_WORKER, path, out], out,
+                       log=lambda _: None)
+  assert rc == 0
+  state = json.load(open(os.path.join(out, sweep.STATE)))
+  assert {n: e["status"] for n, e in state.items()} == {"a": "done", "b": "failed", "c": "done"}
+  assert "SIGSEGV" in state["b"]["error"]
+  tb = open(os.path.join(out, "runs", "b", sweep.TRACEBACK)).read()
+  assert "Segmentation fault" in tb and "in run" in tb  # faulthandler's Python stack
+  assert not os.path.exists(os.path.join(out, "runs", "a", sweep.TRACEBACK))

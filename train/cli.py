@@ -51,15 +51,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-  from train import sweep
-  path = args.config
-  sw = sweep.load(path)
+  from train import results, sweep
+  sw = sweep.load(args.config)  # a bad sweep file fails here, before any run
   if args.best_lr:
     sw = dataclasses.replace(sw, best_lr=True)
-  out = args.out or os.path.join("runs", "sweeps", os.path.splitext(os.path.basename(path))[0])
+  out = args.out or os.path.join(
+      "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
+  if args.skip is None:  # the supervisor: the runs happen in child processes
+    worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
+              "--out", out, *(["--best-lr"] if args.best_lr else []), *args.overrides]
+    return sweep.supervise(worker, out)
   sweep.use_compile_cache(out)
-  res = sweep.run_sweep(sw, out, args.overrides)
-  from train import results
+  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s])
   print("\n" + results.markdown(res["shown"]))
   failed = [r["run"] for r in res["rows"] if r["status"] != "done"]
   print("written:\n  " + "\n  ".join(res["files"]))
@@ -127,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--out", help="sweep directory (default runs/sweeps/<sweep name>)")
   s.add_argument("--best-lr", action="store_true",
                  help="also tabulate/plot the best learning rate per setting")
+  s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   s.set_defaults(func=cmd_sweep)
   s = sub.add_parser("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")

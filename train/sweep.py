@@ -22,19 +22,25 @@ once, see `train.configs`), then overrides: sweep, grid, variant, command line.
 
 `run_sweep` runs the variants one after another. The state file
 <out>/sweep.json records each run's status; a re-invocation skips finished
-runs and calls the trainer again on the others, which resumes from their
-checkpoints. A failing run leaves its traceback in <run_dir>/traceback.txt,
-is marked failed with its error, and the sweep goes on.
+runs and calls the trainer again on the others (failed ones included),
+which resumes from their checkpoints. A failing run leaves its traceback in
+<run_dir>/traceback.txt, is marked failed with its error, and the sweep goes
+on. `supervise` (what `mixerlab sweep` uses) runs the sweep in a child
+process so that a hard crash of one run (a segfault in XLA or a mixer) is
+recorded the same way instead of ending the sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import hashlib
 import itertools
 import json
 import os
 import re
+import signal
+import subprocess
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
@@ -196,11 +202,31 @@ def trainer_run(cfg: Config) -> dict:
   return loop.run(cfg)
 
 
+def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
+  """Run one variant, recording the outcome in `entry`. Python errors are
+  caught; a hard crash (segfault, abort) kills the process, but faulthandler
+  has written the Python stack to the run's traceback.txt first."""
+  tb_path = os.path.join(cfg.train.run_dir, TRACEBACK)
+  with open(tb_path, "w") as tb:
+    faulthandler.enable(tb)
+    try:
+      summary = run_fn(cfg)
+    except Exception as e:  # recorded; the sweep goes on
+      tb.write(traceback.format_exc())
+      entry.update(status=FAILED, error=f"{type(e).__name__}: {e}")
+      log(f"    failed: {type(e).__name__}: {e}")
+      return
+    finally:
+      faulthandler.disable()
+  os.remove(tb_path)
+  entry.update(status=DONE, summary=summary)
+
+
 def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
               run_fn: Callable[[Config], dict] = trainer_run,
-              log: Callable[[str], None] = print) -> list[dict]:
-  """Run every variant not yet done into out/runs/<name>; return the rows of
-  the results table (also written to out/results.{csv,md})."""
+              log: Callable[[str], None] = print, skip: Sequence[str] = ()) -> dict:
+  """Run every variant not done (nor in `skip`) into out/runs/<name>, in
+  this process; return `results.write`'s dict (tables and plots under out)."""
   os.makedirs(out, exist_ok=True)
   cfgs = {v.name: configs.replace(sweep.config(v, overrides), train={
       "run_dir": os.path.join(out, "runs", v.name)}) for v in sweep.variants}
@@ -212,23 +238,42 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
       raise configs.ConfigError(
           f"run {v.name!r} in {out} was started with a different config; use "
           "another output directory or delete that run's directory and entry")
-    if entry.get("status") == DONE:
-      log(f"[{i + 1}/{len(cfgs)}] {v.name}: done, skipped")
+    if entry.get("status") == DONE or v.name in skip:
+      log(f"[{i + 1}/{len(cfgs)}] {v.name}: {entry.get('status')}, skipped")
       continue
     log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if entry else 'starting'}")
-    state[v.name] = {"status": RUNNING, "config_hash": h, "labels": v.labels}
+    state[v.name] = {"status": RUNNING, "config_hash": h, "labels": v.labels,
+                     "pid": os.getpid()}  # lets `supervise` name a crashed run
     _write_json(os.path.join(out, STATE), state)
     configs.save(cfg, cfg.train.run_dir)
-    try:
-      summary = run_fn(cfg)
-    except Exception as e:  # recorded; the sweep goes on
-      with open(os.path.join(cfg.train.run_dir, TRACEBACK), "w") as f:
-        f.write(traceback.format_exc())
-      state[v.name].update(status=FAILED, error=f"{type(e).__name__}: {e}")
-      log(f"    failed: {type(e).__name__}: {e}")
-    else:
-      state[v.name].update(status=DONE, summary=summary)
+    _attempt(cfg, run_fn, state[v.name], log)
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
           for v in sweep.variants]
   return results.write(rows, out, best_lr=sweep.best_lr)
+
+
+def supervise(worker_cmd: Sequence[str], out: str, log: Callable[[str], None] = print) -> int:
+  """Run a sweep in child processes: `worker_cmd + ["--skip", names]` runs
+  `run_sweep` skipping `names`. When a child dies from a signal (a crash in
+  XLA or a mixer, an out-of-memory kill), the run it was in is recorded as
+  failed and a new child goes on with the rest. Returns the last child's
+  exit code."""
+  crashed: list[str] = []
+  while True:
+    child = subprocess.Popen([*worker_cmd, "--skip", ",".join(crashed)])
+    rc = child.wait()
+    if rc >= 0 or rc == -signal.SIGINT:
+      return rc
+    state = _read_state(out)
+    running = [n for n, e in state.items()
+               if e["status"] == RUNNING and e.get("pid") == child.pid]
+    if not running:
+      raise RuntimeError(f"sweep worker died with {signal.Signals(-rc).name} "
+                         "outside any run")
+    [name] = running
+    state[name].update(status=FAILED, error=f"process died with "
+                       f"{signal.Signals(-rc).name} (stack in runs/{name}/{TRACEBACK})")
+    _write_json(os.path.join(out, STATE), state)
+    log(f"    {name}: {state[name]['error']}; continuing in a new process")
+    crashed.append(name)
