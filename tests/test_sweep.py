@@ -152,7 +152,7 @@ def test_pareto_front():
 
 
 CRASHING_WORKER = """
-import os, signal, sys
+import os, signal, sys, time
 from train import sweep
 sw_path, out = sys.argv[1:3]
 skip = [s for s in sys.argv[sys.argv.index("--skip") + 1].split(",") if s]
@@ -160,23 +160,29 @@ skip = [s for s in sys.argv[sys.argv.index("--skip") + 1].split(",") if s]
 def run(cfg):
   if cfg.train.run_dir.endswith("b"):
     os.kill(os.getpid(), signal.SIGSEGV)  # a hard crash, as in XLA or a kernel
+  if cfg.train.run_dir.endswith("h"):
+    time.sleep(600)  # a hang
   return {"params": 1, "val_loss": 1.0}
 
 sweep.run_sweep(sweep.load(sw_path), out, run_fn=run, skip=skip, log=lambda _: None)
 """
 
 
-def test_supervisor_records_a_hard_crash_and_goes_on(tmp_path, monkeypatch):
-  path = sweep_file(tmp_path, "base: base.yaml\nvariants: [{name: a}, {name: b}, {name: c}]\n")
+def test_supervisor_records_crash_and_hang_and_goes_on(tmp_path, monkeypatch):
+  path = sweep_file(tmp_path, "base: base.yaml\nvariants: [{name: a}, {name: b}, "
+                    "{name: h}, {name: c}]\ntimeout_s: 4\n")
   out = str(tmp_path / "out")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
   rc = sweep.supervise([sys.executable, "-c", CRASHING_WORKER, path, out], out,
-                       log=lambda _: None)
+                       sweep.load(path).timeout_s, log=lambda _: None)
   assert rc == 0
   state = json.load(open(os.path.join(out, sweep.STATE)))
-  assert {n: e["status"] for n, e in state.items()} == {"a": "done", "b": "failed", "c": "done"}
+  assert {n: e["status"] for n, e in state.items()} == {
+      "a": "done", "b": "failed", "h": "failed", "c": "done"}
   assert "SIGSEGV" in state["b"]["error"]
+  assert "timed out after 4 s" in state["h"]["error"]
+  assert "in run" in open(os.path.join(out, "runs", "h", sweep.TRACEBACK)).read()
   tb = open(os.path.join(out, "runs", "b", sweep.TRACEBACK)).read()
   assert "Segmentation fault" in tb and "in run" in tb  # faulthandler's Python stack
   assert not os.path.exists(os.path.join(out, "runs", "a", sweep.TRACEBACK))

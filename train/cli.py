@@ -60,7 +60,7 @@ def cmd_sweep(args) -> int:
   if args.skip is None:  # the supervisor: the runs happen in child processes
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
               "--out", out, *(["--best-lr"] if args.best_lr else []), *args.overrides]
-    return sweep.supervise(worker, out)
+    return sweep.supervise(worker, out, sw.timeout_s)
   sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s])
   print("\n" + results.markdown(res["shown"]))

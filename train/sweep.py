@@ -13,6 +13,7 @@ A sweep file (YAML):
       - {name: griffin, files: [../hybrids/griffin.yaml]}
       - {model.d_model: 128}
     best_lr: true                   # also keep the best lr per other setting
+    timeout_s: 300                  # a run still going after this is failed
 
 Paths are relative to the sweep file. A grid key with a dot is a config
 key; any other key names an axis of config files. Each run gets a stable
@@ -41,6 +42,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
@@ -71,6 +73,7 @@ class Sweep:
   base_inline: dict
   variants: tuple[Variant, ...]
   best_lr: bool
+  timeout_s: float | None  # per run, enforced by `supervise`
 
   def config(self, v: Variant, overrides: Sequence[str] = ()) -> Config:
     """The run's Config; the inline base (if any) is merged first."""
@@ -130,7 +133,7 @@ def _variant_part(spec: Mapping, here: str) -> tuple[str, dict]:
   return label, {"files": files, "overrides": overrides}
 
 
-SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr")
+SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s")
 
 
 def load(path: str) -> Sweep:
@@ -161,7 +164,8 @@ def load(path: str) -> Sweep:
   if dupes:
     raise configs.ConfigError(f"{path}: several runs are named {dupes}; give "
                               "the variants distinct `name`s")
-  return Sweep(path, base_files, inline, tuple(variants), bool(raw.get("best_lr", False)))
+  return Sweep(path, base_files, inline, tuple(variants), bool(raw.get("best_lr", False)),
+               raw.get("timeout_s"))
 
 
 # -- running -----------------------------------------------------------------
@@ -243,7 +247,8 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
       continue
     log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if entry else 'starting'}")
     state[v.name] = {"status": RUNNING, "config_hash": h, "labels": v.labels,
-                     "pid": os.getpid()}  # lets `supervise` name a crashed run
+                     # for `supervise`: which run a crashed or hung child was in
+                     "pid": os.getpid(), "started": time.time()}
     _write_json(os.path.join(out, STATE), state)
     configs.save(cfg, cfg.train.run_dir)
     _attempt(cfg, run_fn, state[v.name], log)
@@ -253,27 +258,52 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
   return results.write(rows, out, best_lr=sweep.best_lr)
 
 
-def supervise(worker_cmd: Sequence[str], out: str, log: Callable[[str], None] = print) -> int:
+def _running_in(out: str, pid: int) -> tuple[str, dict] | None:
+  """The run that process `pid` is in, from the state file."""
+  for name, e in _read_state(out).items():
+    if e["status"] == RUNNING and e.get("pid") == pid:
+      return name, e
+  return None
+
+
+def _wait(child: subprocess.Popen, out: str, timeout_s: float | None) -> tuple[int, bool]:
+  """(exit code, timed out): abort the child when one run exceeds timeout_s;
+  faulthandler then writes where it hung to the run's traceback.txt."""
+  if timeout_s is None:
+    return child.wait(), False
+  while True:
+    try:
+      return child.wait(timeout=2.0), False
+    except subprocess.TimeoutExpired:
+      current = _running_in(out, child.pid)
+      if current and time.time() - current[1]["started"] > timeout_s:
+        child.send_signal(signal.SIGABRT)
+        return child.wait(), True
+
+
+def supervise(worker_cmd: Sequence[str], out: str, timeout_s: float | None = None,
+              log: Callable[[str], None] = print) -> int:
   """Run a sweep in child processes: `worker_cmd + ["--skip", names]` runs
   `run_sweep` skipping `names`. When a child dies from a signal (a crash in
-  XLA or a mixer, an out-of-memory kill), the run it was in is recorded as
-  failed and a new child goes on with the rest. Returns the last child's
-  exit code."""
+  XLA or a mixer, an out-of-memory kill) or one run exceeds `timeout_s` (a
+  hang), that run is recorded as failed and a new child goes on with the
+  rest. Returns the last child's exit code."""
   crashed: list[str] = []
   while True:
     child = subprocess.Popen([*worker_cmd, "--skip", ",".join(crashed)])
-    rc = child.wait()
+    rc, timed_out = _wait(child, out, timeout_s)
     if rc >= 0 or rc == -signal.SIGINT:
       return rc
-    state = _read_state(out)
-    running = [n for n, e in state.items()
-               if e["status"] == RUNNING and e.get("pid") == child.pid]
-    if not running:
+    current = _running_in(out, child.pid)
+    if current is None:
       raise RuntimeError(f"sweep worker died with {signal.Signals(-rc).name} "
                          "outside any run")
-    [name] = running
-    state[name].update(status=FAILED, error=f"process died with "
-                       f"{signal.Signals(-rc).name} (stack in runs/{name}/{TRACEBACK})")
+    name, entry = current
+    why = (f"timed out after {timeout_s:g} s" if timed_out
+           else f"process died with {signal.Signals(-rc).name}")
+    entry.update(status=FAILED, error=f"{why} (stack in runs/{name}/{TRACEBACK})")
+    state = _read_state(out)
+    state[name] = entry
     _write_json(os.path.join(out, STATE), state)
-    log(f"    {name}: {state[name]['error']}; continuing in a new process")
+    log(f"    {name}: {entry['error']}; continuing in a new process")
     crashed.append(name)
