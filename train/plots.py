@@ -92,15 +92,17 @@ def train_curve(records: Sequence[dict], tokens_per_step: int) -> tuple[list, li
 
 
 def loss_curves(rows: Sequence[dict], path: str) -> str:
-  tasks = _by_task(rows)
+  tasks = _by_task([r for r in rows if r["status"] == "done"])
   fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)),
                            squeeze=False)
   for (ax_tok, ax_time), (task, rs) in zip(axes, sorted(tasks.items())):
-    for r in rs:
+    for i, r in enumerate(rs):
       tokens, secs, loss = train_curve(read_metrics(r["run_dir"]), r["tokens_per_step"])
-      if loss:
-        ax_tok.plot(tokens, loss, lw=1, label=r["mixer"])
-        ax_time.plot(secs, loss, lw=1, label=r["mixer"])
+      # 20 distinct colours, then dashed: ~25 mixers stay tellable apart
+      style = dict(lw=1, color=plt.cm.tab20(i % 20), ls="-" if i < 20 else "--",
+                   label=r["mixer"])
+      ax_tok.plot(tokens, loss, **style)
+      ax_time.plot(secs, loss, **style)
     ax_tok.set(xlabel="tokens", ylabel="train loss", title=f"{task}: loss vs tokens")
     ax_time.set(xlabel="training time (s): steps x measured step time",
                 ylabel="train loss", title=f"{task}: loss vs training time")
