@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
+from arches.convert import model_from_params, to_numpy
 from arches.lm import DecoderLM, LMConfig
 
 # HuggingFace rope_type -> (our position scheme, option renames).
@@ -29,19 +26,6 @@ ROPE_TYPES = {
                                "high_freq_factor": "high_freq_factor",
                                "original_max_position_embeddings": "original_max_len"}),
 }
-
-
-def to_numpy(t) -> np.ndarray:
-  if hasattr(t, "detach"):
-    t = t.detach().float().cpu().numpy()
-  return np.asarray(t, np.float32)
-
-
-def set_param(var: nnx.Variable, value: np.ndarray, name: str) -> None:
-  if tuple(var.shape) != tuple(value.shape):
-    raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape "
-                     f"{tuple(var.shape)}")
-  var[...] = jnp.asarray(value, var.dtype)  # keeps fp32 master weights
 
 
 def rope_spec(config: Any) -> dict:
@@ -66,6 +50,10 @@ def rope_spec(config: Any) -> dict:
 
 
 def config_from_hf(config: Any, mixer: str = "attention", **mixer_options) -> LMConfig:
+  for flag in ("attention_bias", "mlp_bias"):
+    if getattr(config, flag, False):
+      raise ValueError(f"{flag}=True is not supported: our attention has no "
+                       "output bias and our SwiGLU no biases")
   heads = config.num_attention_heads
   return LMConfig(
       vocab_size=config.vocab_size, d_model=config.hidden_size,
@@ -79,41 +67,38 @@ def config_from_hf(config: Any, mixer: str = "attention", **mixer_options) -> LM
       tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def load_hf_weights(model: DecoderLM, state_dict: Mapping[str, Any]) -> DecoderLM:
+def params_from_hf(config: Any, state_dict: Mapping[str, Any]) -> dict:
+  """Our parameter dict from a Llama-family state dict."""
   sd = {k.removeprefix("model."): to_numpy(v) for k, v in state_dict.items()}
-  used = set()
+  heads = config.num_attention_heads
+  kv = getattr(config, "num_key_value_heads", heads)
+  hd = getattr(config, "head_dim", None) or config.hidden_size // heads
 
-  def take(key):
-    if key not in sd:
-      raise KeyError(f"checkpoint has no {key!r}")
-    used.add(key)
-    return sd[key]
+  def proj(name, n):  # [n*hd, d_model] -> [d_model, n, hd]
+    out = {"kernel": sd[name + ".weight"].T.reshape(-1, n, hd)}
+    if name + ".bias" in sd:
+      out["bias"] = sd[name + ".bias"].reshape(n, hd)
+    return out
 
-  set_param(model.embed.embedding, take("embed_tokens.weight"), "embed_tokens")
-  for i, block in enumerate(model.blocks):
+  blocks = {}
+  for i in range(config.num_hidden_layers):
     p = f"layers.{i}."
-    proj = block.mixer.proj
-    for ours, theirs in ((proj.q, "q_proj"), (proj.k, "k_proj"), (proj.v, "v_proj")):
-      w = take(p + f"self_attn.{theirs}.weight")  # [heads*head_dim, d_model]
-      set_param(ours.kernel, w.T.reshape(ours.kernel.shape), p + theirs)
-      if ours.bias is not None:
-        set_param(ours.bias, take(p + f"self_attn.{theirs}.bias").reshape(
-            ours.bias.shape), p + theirs + ".bias")
-    w = take(p + "self_attn.o_proj.weight")  # [d_model, heads*head_dim]
-    set_param(proj.o.kernel, w.T.reshape(proj.o.kernel.shape), p + "o_proj")
-    set_param(block.mixer_norm.scale, take(p + "input_layernorm.weight"), p + "ln1")
-    set_param(block.channel_norm.scale, take(p + "post_attention_layernorm.weight"),
-              p + "ln2")
-    for ours, theirs in ((block.channel.gate, "gate_proj"), (block.channel.up, "up_proj"),
-                         (block.channel.down, "down_proj")):
-      set_param(ours.kernel, take(p + f"mlp.{theirs}.weight").T, p + theirs)
-  set_param(model.final_norm.scale, take("norm.weight"), "norm")
-  if model.head is not None:
-    set_param(model.head.kernel, take("lm_head.weight").T, "lm_head")
-  unused = sorted(set(sd) - used - {"lm_head.weight"})
-  if unused:
-    raise ValueError(f"checkpoint tensors not loaded: {unused[:8]}")
-  return model
+    a, m = p + "self_attn.", p + "mlp."
+    blocks[i] = {
+        "mixer_norm": {"scale": sd[p + "input_layernorm.weight"]},
+        "mixer": {"proj": {
+            "q": proj(a + "q_proj", heads), "k": proj(a + "k_proj", kv),
+            "v": proj(a + "v_proj", kv),
+            "o": {"kernel": sd[a + "o_proj.weight"].T.reshape(heads, hd, -1)}}},
+        "channel_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
+        "channel": {k: {"kernel": sd[f"{m}{k}_proj.weight"].T}
+                    for k in ("gate", "up", "down")},
+    }
+  params = {"embed": {"embedding": sd["embed_tokens.weight"]}, "blocks": blocks,
+            "final_norm": {"scale": sd["norm.weight"]}}
+  if not getattr(config, "tie_word_embeddings", False):
+    params["head"] = {"kernel": sd["lm_head.weight"].T}
+  return params
 
 
 def from_hf_llama(config: Any, state_dict: Mapping[str, Any], *,
@@ -122,5 +107,5 @@ def from_hf_llama(config: Any, state_dict: Mapping[str, Any], *,
 
   `mixer`/`mixer_options` select the attention variant ("sliding_window"
   with window=... for Mistral)."""
-  model = DecoderLM(config_from_hf(config, mixer, **mixer_options), rngs=nnx.Rngs(0))
-  return load_hf_weights(model, state_dict)
+  return model_from_params(config_from_hf(config, mixer, **mixer_options),
+                           params_from_hf(config, state_dict))

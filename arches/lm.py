@@ -15,7 +15,6 @@ spec is a registered name or {"name": ..., **options}.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from flax import nnx, struct
 from flax.core import FrozenDict
 
 from layers import channel, mixers, norms
-from layers.params import Dense, Embed, count_params, fan_in_init, param
+from layers.params import Dense, Embed, count_params, fan_in_init
 
 Spec = str | Mapping
 

@@ -12,6 +12,7 @@ optimizer keeps updating fp32 values.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -42,12 +43,17 @@ def param(rngs: nnx.Rngs | None, init: Init | jax.Array, shape: Sequence[int],
   return nnx.Param(jnp.asarray(value, dtype), logical_axes=axes)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _truncated_normal(key, std, shape, dtype):
+  # One compiled program per shape instead of several eager ones: model
+  # construction is otherwise dominated by tiny compiles on CPU.
+  return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+
 def fan_in_init(fan_in: int, scale: float = 1.0) -> Init:
   """Truncated normal with std scale/sqrt(fan_in) (LeCun)."""
   std = scale / math.sqrt(fan_in)
-  def init(key, shape, dtype):
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
-  return init
+  return lambda key, shape, dtype: _truncated_normal(key, std, tuple(shape), dtype)
 
 
 def constant_init(value: float) -> Init:

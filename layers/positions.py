@@ -244,3 +244,46 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
        segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
   return idx - start_idx
+
+
+@register("xpos")
+class XPos(RoPE):
+  """xPos (Sun et al., 2022, "A Length-Extrapolatable Transformer",
+  arXiv:2212.10554): RoPE plus a per-channel exponential scale, queries by
+  zeta^(n / scale_base) and keys by zeta^(-m / scale_base), so that q_n . k_m
+  gains the factor zeta^((n - m) / scale_base), a decay with distance.
+  zeta_i = (2i / head_dim + gamma) / (1 + gamma) per rotated pair.
+
+  scale_base=None keeps only the rotation: RetNet (Sun et al., 2023,
+  arXiv:2307.08621) uses xPos's rotation and puts a per-head decay
+  gamma^(n - m) in the retention itself in place of zeta, which keeps its
+  recurrent state free of position-dependent scales.
+  """
+
+  def __init__(self, head_dim: int, *, num_heads: int = 1, base: float = 10000.0,
+               scale_base: float | None = 512.0, gamma: float = 0.4):
+    super().__init__(head_dim, num_heads=num_heads, base=base)
+    if scale_base is not None and scale_base <= 0:
+      raise ValueError(f"xpos scale_base must be > 0 or None, got {scale_base}")
+    self.scale_base = scale_base
+    self.gamma = gamma
+
+  def scale(self, pos: jax.Array, sign: float) -> jax.Array:
+    """zeta^(sign * pos / scale_base): [B, L, 1, head_dim] fp32, the same
+    factor on both halves of each rotated pair."""
+    i = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
+    zeta = (i + self.gamma) / (1.0 + self.gamma)
+    power = sign * pos.astype(jnp.float32)[..., None] / self.scale_base
+    s = zeta ** power  # [B, L, D/2]
+    return jnp.concatenate([s, s], axis=-1)[:, :, None, :]
+
+  def scaled(self, x: jax.Array, pos: jax.Array, sign: float) -> jax.Array:
+    if self.scale_base is None:
+      return x
+    return (x.astype(jnp.float32) * self.scale(pos, sign)).astype(x.dtype)
+
+  def queries(self, q, pos):
+    return self.scaled(super().queries(q, pos), pos, 1.0)
+
+  def keys(self, k, pos):
+    return self.scaled(super().keys(k, pos), pos, -1.0)

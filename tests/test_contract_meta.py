@@ -9,7 +9,6 @@ from flax import nnx
 
 import mixer_contract as mc
 from layers.mixers.attention import Attention, KVCache
-from layers.mixers.base import MixerInfo
 
 
 class LeaksFuture(Attention):

@@ -4,7 +4,6 @@ passing the causal and incremental contract checks."""
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

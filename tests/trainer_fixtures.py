@@ -13,7 +13,7 @@ import pytest
 from arches.lm import LMConfig
 from train.config import Config, DataConfig, OptimizerConfig, TrainConfig
 
-VOCAB, SEQ = 64, 32
+VOCAB, SEQ, BATCH = 64, 32, 8
 
 
 class ToyIter:
@@ -21,7 +21,7 @@ class ToyIter:
   a pure function of (seed, i), and the state is i. `nan_mask_at`: that
   batch's loss_mask holds a NaN, to drive the non-finite-loss path."""
 
-  def __init__(self, batch_size: int, seq_len: int = SEQ, *, seed: int = 0,
+  def __init__(self, batch_size: int = BATCH, seq_len: int = SEQ, *, seed: int = 0,
                nan_mask_at: int | None = None, segments: bool = False):
     self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
     self.nan_mask_at, self.segments, self.pos = nan_mask_at, segments, 0
@@ -56,13 +56,13 @@ class ToyIter:
     self.pos = int(state["pos"])
 
 
-def eval_batches(batch_size: int, n: int = 2) -> list[dict]:
+def eval_batches(batch_size: int = BATCH, n: int = 2) -> list[dict]:
   it = ToyIter(batch_size, seed=12345)
   return [next(it) for _ in range(n)]
 
 
 def tiny_config(run_dir: str, **train) -> Config:
-  opts = dict(steps=8, batch_size=4, eval_every=0, log_every=1,
+  opts = dict(steps=8, batch_size=BATCH, eval_every=0, log_every=1,
               checkpoint_every=0, eval_batches=2, run_dir=run_dir)
   opts.update(train)
   return Config(model=LMConfig(vocab_size=VOCAB, d_model=32, n_layers=2),
@@ -71,21 +71,31 @@ def tiny_config(run_dir: str, **train) -> Config:
                 train=TrainConfig(**opts))
 
 
-@pytest.fixture(scope="session")
-def xla_cache_dir(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("xla_cache"))
+_CACHE_DIR = []
+
+
+def xla_cache_dir() -> str:
+  """One temporary directory per test process (a fixture imported into
+  several test modules would be one per module), removed at exit."""
+  if not _CACHE_DIR:
+    import atexit
+    import shutil
+    import tempfile
+    _CACHE_DIR.append(tempfile.mkdtemp(prefix="mixerlab-xla-cache-"))
+    atexit.register(shutil.rmtree, _CACHE_DIR[0], True)
+  return _CACHE_DIR[0]
 
 
 @pytest.fixture(scope="module")
-def compile_cache(xla_cache_dir):
+def compile_cache():
   """A persistent XLA cache for the trainer tests and their subprocesses:
   the tiny model's init, train and eval steps compile once per session, not
   once per test (XLA:CPU compiles of random inits are slow). Switched off
   after the module so other tests see JAX's defaults."""
   from jax.experimental.compilation_cache import compilation_cache as cc
-  jax.config.update("jax_compilation_cache_dir", xla_cache_dir)
+  jax.config.update("jax_compilation_cache_dir", xla_cache_dir())
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield xla_cache_dir
+  yield xla_cache_dir()
   jax.config.update("jax_compilation_cache_dir", None)
   cc.reset_cache()
 
@@ -114,3 +124,39 @@ def count_compiles():
   finally:
     jax.monitoring.unregister_event_listener(on_event)
     jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+KILL_CFG = dict(steps=12, checkpoint_every=3, eval_every=4)
+
+
+def _die_during_save(checkpoint_dir: str, step: int):
+  """SIGKILL this process once orbax's temporary directory for `step`
+  exists, i.e. while that checkpoint is being written."""
+  import signal
+  import threading
+  import time
+
+  def watch():
+    while True:
+      if os.path.isdir(checkpoint_dir) and any(
+          n.startswith(f"{step}.") and "tmp" in n for n in os.listdir(checkpoint_dir)):
+        os.kill(os.getpid(), signal.SIGKILL)
+      time.sleep(0.0005)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def main(argv):
+  """Subprocess entry: train KILL_CFG in run_dir, optionally dying mid-save.
+  python tests/trainer_fixtures.py RUN_DIR [DIE_DURING_SAVE_OF_STEP]"""
+  from train.loop import train
+  run_dir = argv[0]
+  if len(argv) > 1:
+    _die_during_save(os.path.join(run_dir, "checkpoints"), int(argv[1]))
+  train(tiny_config(run_dir, **KILL_CFG), ToyIter(), eval_batches(),
+        data_info={"corpus_fingerprint": "toy"})
+
+
+if __name__ == "__main__":
+  import sys
+  main(sys.argv[1:])

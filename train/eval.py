@@ -10,23 +10,22 @@ import math
 import jax
 import numpy as np
 
+from train import data
 from train.config import DataConfig
-from train.sharding import batch_divisor, batch_sharding
+from train.sharding import batch_divisor, shard_batch
 from train.state import Setup, TrainState
 
 
 def byte_level(data_cfg: DataConfig) -> bool:
-  """Text is modelled as raw bytes (one token per byte), so bits per byte
-  is the loss in bits; synthetic tasks report accuracy instead."""
+  """The text task is byte-level (train/data.py: one token per byte), so
+  bits per byte is the loss in bits; synthetic tasks report accuracy."""
   return data_cfg.task == "text"
 
 
 def put_batches(batches, setup: Setup) -> list[dict]:
-  """Global host batches -> arrays split over the mesh (done once; the
-  eval set is reused at every eval)."""
-  sharding = batch_sharding(setup.mesh)
-  return [{k: jax.device_put(np.asarray(v), sharding) for k, v in b.items()}
-          for b in batches]
+  """Host batches (this process's rows) -> arrays split over the mesh, once:
+  the eval set is reused at every eval."""
+  return [shard_batch(b, setup.mesh) for b in batches]
 
 
 def summarize(sums: dict, data_cfg: DataConfig) -> dict:
@@ -43,9 +42,8 @@ def summarize(sums: dict, data_cfg: DataConfig) -> dict:
 
 def evaluate_batches(eval_step, state: TrainState, batches, data_cfg: DataConfig) -> dict:
   """Token-weighted metrics over device batches (see `summarize`)."""
-  per_batch = [eval_step(state, b) for b in batches]  # dispatch all, then sync
-  sums = {k: float(np.sum([jax.device_get(s[k]) for s in per_batch]))
-          for k in per_batch[0]}
+  per_batch = jax.device_get([eval_step(state, b) for b in batches])  # one sync
+  sums = {k: float(np.sum([s[k] for s in per_batch])) for k in per_batch[0]}
   return summarize(sums, data_cfg)
 
 
@@ -63,8 +61,7 @@ def evaluate_lengths(setup: Setup, state: TrainState, multiples, *,
   {multiple: summarize(...)}. `eval_step` is jitted, so each new length
   compiles once. make_batches(data_cfg, batch_size, n_batches) gives host
   batches (default: train.data.make_eval_batches)."""
-  if make_batches is None:
-    from train.data import make_eval_batches as make_batches
+  make_batches = make_batches or data.make_eval_batches
   n_batches = setup.cfg.train.eval_batches if n_batches is None else n_batches
   out = {}
   for m in multiples:

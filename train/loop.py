@@ -3,8 +3,8 @@ and returns a summary; `evaluate(cfg)` scores the latest checkpoint.
 
     summary = run(Config(model=LMConfig(d_model=64), train=TrainConfig(steps=500)))
 
-run_dir gets config.json (the resolved config), data.json (the corpus
-fingerprint), metrics.jsonl, tb/ (TensorBoard), checkpoints/ and
+run_dir gets config.json (the resolved config), data.json (data.describe:
+task, sizes, the corpus fingerprint), metrics.jsonl, tb/ (TensorBoard), checkpoints/ and
 summary.json. Starting a run whose run_dir holds checkpoints resumes from
 the latest one: parameters, optimizer, step, rng and data position, so the
 loss curve continues as if never interrupted.
@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from train import data
 from train import eval as evaluation
 from train.checkpoint import Checkpointer
 from train.config import Config
@@ -75,7 +76,7 @@ class Trainer:
   def __init__(self, cfg: Config, train_iter, eval_batches):
     self.cfg, self.tc = cfg, cfg.train
     self.setup: Setup = build(cfg)
-    check_batch_shape(self.setup, self.tc.batch_size)
+    check_batch_shape(self.setup, self.tc.batch_size)  # before anything is written
     self.train_iter = train_iter
     self.eval_batches = evaluation.put_batches(eval_batches, self.setup)
     self.ckpt = Checkpointer(os.path.join(self.tc.run_dir, "checkpoints"),
@@ -141,16 +142,22 @@ class Trainer:
 
   # -- the loop --------------------------------------------------------------
 
-  def fit(self, state: TrainState, start: int, log: RunLog) -> TrainState:
-    total, pending = self.tc.steps, None
-    if start >= total:
+  def fit(self, state: TrainState, start: int, log: RunLog,
+          stop: int | None = None) -> TrainState:
+    """Steps start+1 .. stop (default: the last), with evals and checkpoints
+    on the run's schedule. Compiles on the first call."""
+    total = self.tc.steps
+    stop, pending = total if stop is None else min(stop, total), None
+    if start >= stop:
       return state
+    self.timer.exclude_current()  # the pause since the last call is no step
     batch, data_state = self.next_batch()
-    self.compile_times = self.compile(batch)
-    for step in range(start + 1, total + 1):
+    if self.compile_times["compile_time_s"] is None:
+      self.compile_times = self.compile(batch)
+    for step in range(start + 1, stop + 1):
       state, metrics = self._train_exec(state, batch)
       step_data_state = data_state
-      if step < total:  # overlaps the step running on the device
+      if step < stop:  # overlaps the step running on the device
         batch, data_state = self.next_batch()
       self.record(pending, log)
       pending = _Pending(step, metrics)
@@ -164,6 +171,7 @@ class Trainer:
         pending = None
         self.timer.exclude_current()
         self.ckpt.save(step, state, step_data_state)
+    self.record(pending, log)
     return state
 
   def compile(self, batch: dict) -> dict:
@@ -193,24 +201,40 @@ class Trainer:
     }
 
 
-def _check_data_fits(cfg: Config, vocab_size: int):
-  if vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"data {cfg.data.task!r} uses {vocab_size} token ids but "
-                     f"LMConfig.vocab_size={cfg.model.vocab_size}; raise vocab_size")
-  if cfg.train.eval_batches < 1 or cfg.train.log_every < 1:
+def _check_resumable(cfg: Config):
+  """A run_dir with checkpoints of another model would fail deep in orbax;
+  say what differs instead."""
+  path = os.path.join(cfg.train.run_dir, "config.json")
+  checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
+  if not (os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    return
+  saved = json.load(open(path))["model"]
+  now = json.loads(json.dumps(config_dict(cfg)))["model"]
+  diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+  if diff:
+    raise ValueError(f"run_dir {cfg.train.run_dir} holds checkpoints of another "
+                     f"model (model.{', model.'.join(diff)} differ); resume with "
+                     f"the same model or pick a new run_dir")
+
+
+def _check_train_config(tc):
+  if tc.eval_batches < 1 or tc.log_every < 1:
     raise ValueError(f"TrainConfig.eval_batches and log_every must be >= 1, got "
-                     f"{cfg.train.eval_batches} and {cfg.train.log_every}")
+                     f"{tc.eval_batches} and {tc.log_every}")
 
 
 def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   """`run` with the data given: `train_iter` yields host batches (this
   process's rows) and has get_state()/set_state(); `eval_batches` is a
-  list of global host batches; `data_info` is written to run_dir/data.json."""
+  list of host batches (this process's rows); `data_info` is written to
+  run_dir/data.json."""
   tc = cfg.train
-  os.makedirs(tc.run_dir, exist_ok=True)
-  _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
-  _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
-  trainer = Trainer(cfg, train_iter, eval_batches)
+  _check_train_config(tc)
+  _check_resumable(cfg)
+  trainer = Trainer(cfg, train_iter, eval_batches)  # checks shapes, makes run_dir
+  if jax.process_index() == 0:
+    _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
+    _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
   state, start = trainer.restore_or_init()
   log = RunLog(tc.run_dir, start_step=start, total_steps=tc.steps)
   try:
@@ -224,7 +248,8 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
     trainer.ckpt.close()
     log.close()
   summary = trainer.summary(final, log)
-  _write_json(os.path.join(tc.run_dir, "summary.json"), summary)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(tc.run_dir, "summary.json"), summary)
   return summary
 
 
@@ -234,22 +259,17 @@ def run(cfg: Config) -> dict:
   run_dir/summary.json: params, tokens_per_s, step_time_s, compile_time_s,
   mfu, peak_memory_bytes, train_loss, val_loss, val_ppl, val_bpb or
   val_accuracy, eval_lengths (if asked), run_dir."""
-  from train import data
   tc = cfg.train
-  _check_data_fits(cfg, data.vocab_size_for(cfg.data))
-  train_iter = data.make_train_iter(cfg.data, tc.batch_size, seed=tc.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+  data.check_compatible(cfg.data, cfg.model)
+  train_iter = data.make_train_iter(cfg.data, tc.batch_size, seed=tc.seed)
   eval_batches = data.make_eval_batches(cfg.data, tc.batch_size // tc.grad_accum,
                                         tc.eval_batches)
-  return train(cfg, train_iter, eval_batches,
-               data_info={"corpus_fingerprint": data.corpus_fingerprint(cfg.data)})
+  return train(cfg, train_iter, eval_batches, data_info=data.describe(cfg.data))
 
 
 def evaluate(cfg: Config) -> dict:
   """Validation metrics of the latest checkpoint in cfg.train.run_dir
   (plus eval_lengths if cfg.train.eval_lengths is set)."""
-  from train import data
   setup = build(cfg)
   directory = os.path.join(cfg.train.run_dir, "checkpoints")
   ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, read_only=True)

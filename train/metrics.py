@@ -94,16 +94,20 @@ class RunLog:
 
   Resuming from step s drops records after s (written by the killed run
   after its last checkpoint), so the log reads as one uninterrupted run.
+  With several processes only the first writes; the others log nothing.
   """
 
   def __init__(self, run_dir: str, *, start_step: int, total_steps: int):
     from tensorboardX import SummaryWriter
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.last_loss = None  # of the kept records, for a run resumed at its end
+    self.primary = jax.process_index() == 0
+    self.bar = None
+    if not self.primary:
+      return
     self._truncate_after(start_step)
     self.file = open(self.path, "a")
     self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
-    self.bar = None
     if sys.stderr.isatty():
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
@@ -127,6 +131,8 @@ class RunLog:
     os.replace(tmp, self.path)
 
   def write(self, step: int, record: dict):
+    if not self.primary:
+      return
     record = {"step": step, **{k: _jsonable(v) for k, v in record.items()}}
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
@@ -135,6 +141,8 @@ class RunLog:
         self.tb.add_scalar(k, v, step)
 
   def progress(self, step: int, text: str):
+    if not self.primary:
+      return
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix_str(text)
@@ -142,6 +150,8 @@ class RunLog:
       print(f"step {step}: {text}", flush=True)
 
   def close(self):
+    if not self.primary:
+      return
     if self.bar is not None:
       self.bar.close()
     self.tb.close()

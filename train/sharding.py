@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from layers.params import AXES as LOGICAL_AXES
 from train.config import MeshConfig
 
 AXES = ("data", "fsdp")
@@ -64,6 +65,9 @@ def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[in
 
 def check_rules(rules: dict[str, str]) -> dict[str, str]:
   for name, axis in rules.items():
+    if name not in LOGICAL_AXES:
+      raise ValueError(f"sharding rule {name!r} -> {axis!r}: logical axes are "
+                       f"{LOGICAL_AXES}")
     if axis not in AXES:
       raise ValueError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {AXES}")
   return dict(rules)

@@ -26,16 +26,14 @@ class TrainState:
   """params: fp32 master weights (nnx.Param state); buffers: the model's other
   variables, carried unchanged (empty for DecoderLM's own layers); opt_state:
   optax state (moments are Params with the same axis names); step: updates
-  done (int32); rng: a raw uint32[2] key for stochastic layers, kept so a
-  resumed run draws the same numbers."""
+  done (int32); rng: a raw uint32[2] key reserved for stochastic layers
+  (none of today's layers draws from it), checkpointed with the rest so a
+  resumed run would draw the same numbers."""
   params: nnx.State
   buffers: nnx.State
   opt_state: Any
   step: jax.Array
   rng: jax.Array
-
-  def model(self, graphdef: nnx.GraphDef) -> DecoderLM:
-    return nnx.merge(graphdef, self.params, self.buffers)
 
 
 def _split(model: nnx.Module):
@@ -58,11 +56,13 @@ class Setup:
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 
+  def model(self, state: TrainState) -> DecoderLM:
+    """The module holding `state`'s weights (e.g. for arches.generate)."""
+    return nnx.merge(self.graphdef, state.params, state.buffers)
+
   def flops_per_token(self) -> float:
     """Forward model FLOPs per token at the training length."""
-    model = nnx.merge(self.graphdef, self.abstract_state.params,
-                      self.abstract_state.buffers)
-    return model.flops_per_token(self.cfg.data.seq_len)
+    return self.model(self.abstract_state).flops_per_token(self.cfg.data.seq_len)
 
   def init_state(self) -> TrainState:
     init = jax.jit(_init_fn(self.cfg.model, self.tx, self.cfg.train.seed),

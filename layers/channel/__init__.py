@@ -12,6 +12,8 @@ channel mix) keeps its last token there. MoE layers register here later.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -74,18 +76,37 @@ class MLP(Stateless):
     return self.down(jax.nn.gelu(self.up(x)))
 
 
+# Gate activations of the gated MLP: SiLU (SwiGLU), tanh-approximated GELU
+# (GeGLU as in Gemma and Griffin).
+GATE_ACTIVATIONS = {"silu": jax.nn.silu,
+                    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 @register("swiglu")
 class SwiGLU(Stateless):
   """Gated MLP with SiLU gate (Shazeer, 2020, "GLU Variants Improve
   Transformer"): y = W2 (silu(Wg x) * (Wu x)). Default hidden = 8/3
-  d_model, which keeps the parameter count of a 4x MLP."""
+  d_model, which keeps the parameter count of a 4x MLP. activation
+  "gelu_tanh" gives GeGLU (Gemma, Griffin); use_bias adds biases to the
+  three projections (Griffin has them)."""
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, hidden: int | None = None,
-               mult: float = 8 / 3):
+               mult: float = 8 / 3, activation: str = "silu",
+               use_bias: bool = False):
+    if activation not in GATE_ACTIVATIONS:
+      raise ValueError(f"swiglu: unknown activation {activation!r}; choose "
+                       f"one of {sorted(GATE_ACTIVATIONS)}")
+    self.activation = activation
     h = _hidden(d_model, hidden, mult)
-    self.gate = Dense(d_model, h, in_axes=("embed",), out_axes=("mlp",), rngs=rngs)
-    self.up = Dense(d_model, h, in_axes=("embed",), out_axes=("mlp",), rngs=rngs)
-    self.down = Dense(h, d_model, in_axes=("mlp",), out_axes=("embed",), rngs=rngs)
+    dense = lambda i, o, ia, oa: Dense(i, o, in_axes=(ia,), out_axes=(oa,),
+                                       rngs=rngs, use_bias=use_bias)
+    self.gate = dense(d_model, h, "embed", "mlp")
+    self.up = dense(d_model, h, "embed", "mlp")
+    self.down = dense(h, d_model, "mlp", "embed")
 
   def forward(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    act = GATE_ACTIVATIONS[self.activation]
+    return self.down(act(self.gate(x)) * self.up(x))
+
+
+from layers.channel import rwkv as _rwkv  # noqa: E402,F401  (registers rwkv4_channel)
