@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -142,6 +143,9 @@ def bench_plot(report: dict, path: str) -> str:
       (ax_d, "ms per token", "decode step vs context")):
     ax.set(xscale="log", yscale="log", ylabel=ylabel, title=title,
            xlabel="context length" if ax is ax_d else "sequence length L")
+    ticks = env["contexts"] if ax is ax_d else env["lengths"]
+    ax.set_xticks(ticks, [str(t) for t in ticks])  # the measured sizes, not 10^k
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax_d.legend(fontsize=7, ncol=2)
   fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
                f"{env['tokens_per_batch']} tokens/batch", fontsize=9)
