@@ -1,0 +1,91 @@
+"""Config files: includes, overrides, error messages, saved resolved config."""
+
+import os
+
+import pytest
+
+from layers import mixers
+from train import configs
+from train.config import Config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def write(tmp_path, name, text):
+  path = tmp_path / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  return str(path)
+
+
+def test_includes_merge_in_order_and_each_file_once(tmp_path):
+  write(tmp_path, "base.yaml", "model: {d_model: 96, n_layers: 3}\ntrain: {steps: 7}\n")
+  task = write(tmp_path, "tasks/t.yaml", "include: ../base.yaml\ndata: {task: mqar}\n")
+  mixer = write(tmp_path, "m.yaml", "include: base.yaml\nmodel: {n_layers: 5}\n")
+  # base.yaml is included by both; it must not reset the task file's keys.
+  cfg = configs.load([task, mixer])
+  assert isinstance(cfg, Config)
+  assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.task, cfg.train.steps) == (
+      96, 5, "mqar", 7)
+  assert cfg.optimizer.lr == Config().optimizer.lr  # untouched keys keep defaults
+
+
+def test_dotted_overrides_scalars_and_lists():
+  cfg = configs.load(os.path.join(ROOT, "base.yaml"), [
+      "optimizer.lr=3e-4", "model.n_layers=3", "train.run_dir=/tmp/x",
+      "model.mixer=[attention,{name: attention, num_kv_heads: 1}]"])
+  assert cfg.optimizer.lr == pytest.approx(3e-4)
+  assert cfg.model.mixer[0] == "attention"
+  assert dict(cfg.model.mixer[1]) == {"name": "attention", "num_kv_heads": 1}
+  assert [s[1] for s in cfg.model.mixer_specs()] == [{}, {"num_kv_heads": 1}, {}]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.d_modle=3", r"model\.d_modle.*Did you mean 'model\.d_model'"),
+    ("trian.steps=3", r"'trian'.*Did you mean 'train'"),
+    ("optimizer.lr=fast", r"optimizer\.lr"),
+    ("train.steps=[1,2]", r"train\.steps"),
+])
+def test_bad_override_names_key_and_closest_match(override, match):
+  with pytest.raises(configs.ConfigError, match=match):
+    configs.load([], [override])
+
+
+def test_bad_key_in_file_names_the_file(tmp_path):
+  path = write(tmp_path, "bad.yaml", "data:\n  seq_lenn: 64\n")
+  with pytest.raises(configs.ConfigError, match=r"bad\.yaml.*data\.seq_lenn.*'data\.seq_len'"):
+    configs.load(path)
+
+
+def test_bad_mixer_option_comes_from_registry():
+  with pytest.raises(ValueError, match="num_head.*Did you mean 'num_heads'"):
+    configs.load([], ["model.mixer={name: attention, num_head: 2}"])
+
+
+def test_override_without_equals_is_an_error():
+  with pytest.raises(configs.ConfigError, match="key=value"):
+    configs.load([], ["optimizer.lr"])
+
+
+def test_saved_resolved_config_loads_back_equal(tmp_path):
+  cfg = configs.load(os.path.join(ROOT, "tiny.yaml"),
+                     ["model.mixer=[attention,{name: attention, num_heads: 2}]"])
+  path = configs.save(cfg, str(tmp_path / "run"))
+  assert os.path.basename(path) == "config.yaml"
+  assert configs.load(path) == cfg
+
+
+def test_every_registered_mixer_has_a_config_that_loads():
+  for name in mixers.names():
+    path = os.path.join(ROOT, "mixers", f"{name}.yaml")
+    assert os.path.isfile(path), f"missing configs/mixers/{name}.yaml"
+    cfg = configs.load(path)
+    assert cfg.model.mixer_specs()[0][0] == name
+
+
+def test_hybrid_configs_load_when_their_mixers_are_registered():
+  registered = set(mixers.names())
+  for f in sorted(os.listdir(os.path.join(ROOT, "hybrids"))):
+    node = configs.compose([os.path.join(ROOT, "hybrids", f)])
+    if set(node.model.mixer) <= registered:
+      assert len(set(configs.to_config(node).model.mixer)) == 2

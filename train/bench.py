@@ -1,0 +1,301 @@
+"""Mixer benchmarks: how time and memory grow with sequence length.
+
+For each mixer (alone, at width d_model, default or given options):
+  * forward and forward+backward time per length L at a fixed number of
+    tokens per batch (batch = tokens // L), jitted, compile excluded, the
+    median of `repeats` calls;
+  * temporary memory of the compiled forward+backward program
+    (`memory_analysis().temp_size_in_bytes`; works on CPU too);
+  * decode time per token after prefilling a cache with `ctx` tokens
+    (chunked prefill, then timed jitted single-token steps).
+
+The growth exponent k of time ~ L^k is fitted per *sequence* (batch time /
+batch size) by least squares in log-log over the `fit` range, next to the
+exponent the mixer declares (`info.train_cost`, `base.TRAIN_COSTS`); the
+same for memory. Decode time at the largest over the smallest context is
+shown next to `info.decode_state` (~1 for constant/bounded state, growing
+for a KV cache).
+
+Outputs under `out`: bench.json, bench.md (with a header naming the device,
+dtype, shapes, jax version and the command that reproduces it), bench.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers import mixers
+from layers.mixers.base import TRAIN_COSTS
+from layers.params import count_params
+
+
+PREFILL_CHUNK = 1024  # tokens per prefill call: bounds the memory of long prefills
+
+
+def _opt(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+  """What to measure. Field names are the `mixerlab bench` flags."""
+  mixers: tuple[str | dict, ...] = _opt((), "mixer names, comma-separated (default: all registered)")
+  d_model: int = _opt(256, "width of each mixer")
+  lengths: tuple[int, ...] = _opt((256, 512, 1024, 2048, 4096, 8192, 16384),
+                                  "sequence lengths for training cost")
+  tokens: int = _opt(16384, "tokens per batch at every length (batch = tokens // L)")
+  contexts: tuple[int, ...] = _opt((1024, 4096, 16384), "decode context lengths")
+  fit: tuple[int, ...] = _opt((2048, 16384), "lo,hi: length range of the exponent fit")
+  repeats: int = _opt(5, "timed calls per measurement (median)")
+  dtype: str = _opt("float32", "activation dtype (parameters stay fp32)")
+  out: str = _opt("runs/bench", "output directory")
+
+  def __post_init__(self):
+    if len(self.fit) != 2:
+      raise ValueError(f"fit must be two lengths lo,hi; got {self.fit}")
+    if max(self.lengths) > self.tokens:
+      raise ValueError(f"tokens={self.tokens} must be >= the largest length "
+                       f"{max(self.lengths)} (batch = tokens // length)")
+    bad = [c for c in self.contexts if c > PREFILL_CHUNK and c % PREFILL_CHUNK]
+    if bad:
+      raise ValueError(f"decode contexts {bad} must be <= {PREFILL_CHUNK} or "
+                       f"multiples of it (the prefill chunk)")
+    lo, hi = self.fit
+    if sum(lo <= L <= hi for L in self.lengths) < 2:
+      raise ValueError(f"fit range {self.fit} must hold at least two of the "
+                       f"lengths {self.lengths}")
+
+
+def command(spec: BenchSpec, config_args: Sequence[str] = ()) -> str:
+  """The `mixerlab bench` command line that reproduces `spec`."""
+  parts = ["mixerlab", "bench", *config_args]
+  for f in dataclasses.fields(spec):
+    v = getattr(spec, f.name)
+    if f.name == "mixers":
+      if not all(isinstance(m, str) for m in v):
+        continue  # specs with options come from --config, already in config_args
+      v = ",".join(v)
+    elif isinstance(v, tuple):
+      v = ",".join(map(str, v))
+    parts += [f"--{f.name.replace('_', '-')}", str(v)]
+  return " ".join(shlex.quote(p) for p in parts)
+
+
+# -- measuring -----------------------------------------------------------------
+
+def median_time(fn: Callable, *args, repeats: int) -> float:
+  """Median wall seconds of `fn(*args)` after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def fit_exponent(lengths: Sequence[float], values: Sequence[float],
+                 lo: float, hi: float) -> float | None:
+  """Least-squares slope of log(value) vs log(length) over lo <= L <= hi."""
+  pts = [(L, v) for L, v in zip(lengths, values) if lo <= L <= hi and v and v > 0]
+  if len(pts) < 2:
+    return None
+  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def build(spec, d_model: int, seed: int = 0):
+  """(name, module) from a name or {"name": ..., **options}."""
+  spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+  name = spec.pop("name")
+  return name, mixers.build(name, d_model, rngs=nnx.Rngs(seed), **spec)
+
+
+def _inputs(batch, length, d_model, dtype, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, length, d_model), dtype)
+
+
+def train_costs(module, spec: BenchSpec, L: int) -> dict:
+  """Forward and forward+backward seconds per batch, and the temp bytes of
+  the compiled forward+backward, at length L."""
+  graphdef, params = nnx.split(module)
+  x = _inputs(spec.tokens // L, L, spec.d_model, jnp.dtype(spec.dtype))
+
+  def fwd(params, x):
+    return nnx.merge(graphdef, params)(x)
+
+  def loss(params, x):
+    return fwd(params, x).astype(jnp.float32).sum()
+
+  fwd_c = jax.jit(fwd).lower(params, x).compile()
+  grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return {"length": L, "batch": x.shape[0],
+          "fwd_s": median_time(fwd_c, params, x, repeats=spec.repeats),
+          "fwd_bwd_s": median_time(grad_c, params, x, repeats=spec.repeats),
+          "temp_bytes": grad_c.memory_analysis().temp_size_in_bytes}
+
+
+def decode_cost(module, spec: BenchSpec, ctx: int) -> dict:
+  """Seconds per single-token decode step with `ctx` tokens in the cache."""
+  graphdef, params = nnx.split(module)
+  dtype = jnp.dtype(spec.dtype)
+
+  @jax.jit
+  def step(params, cache, x):
+    return nnx.merge(graphdef, params)(x, cache=cache)
+
+  cache = module.init_cache(1, ctx + spec.repeats + 2, dtype)
+  chunk = min(ctx, PREFILL_CHUNK)
+  piece = _inputs(1, chunk, spec.d_model, dtype)
+  for _ in range(ctx // chunk):  # prefill in chunks: bounded memory per call
+    _, cache = step(params, cache, piece)
+  token = _inputs(1, 1, spec.d_model, dtype, seed=1)
+  jax.block_until_ready(step(params, cache, token))  # compile the 1-token step
+  times = []
+  for _ in range(spec.repeats):
+    t = time.perf_counter()
+    _, cache = jax.block_until_ready(step(params, cache, token))
+    times.append(time.perf_counter() - t)
+  return {"context": ctx, "s_per_token": statistics.median(times)}
+
+
+def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict:
+  name, module = build(mixer_spec, spec.d_model)
+  info = type(module).info
+  res = {"mixer": name, "spec": mixer_spec, "train_cost": info.train_cost,
+         "decode_state": info.decode_state, "declared_exponent": TRAIN_COSTS[info.train_cost],
+         "params": count_params(module),
+         "train": [], "decode": []}
+  try:
+    for L in spec.lengths:
+      res["train"].append(train_costs(module, spec, L))
+      log(f"  {name} L={L}: {res['train'][-1]['fwd_bwd_s'] * 1e3:.2f} ms fwd+bwd")
+    for ctx in spec.contexts:
+      res["decode"].append(decode_cost(module, spec, ctx))
+  except Exception as e:  # kept in the report; the other mixers still run
+    res["error"] = f"{type(e).__name__}: {e}"
+    res["traceback"] = traceback.format_exc()
+    log(f"  {name} failed: {res['error']}")
+  per_seq = {k: [t[k] / t["batch"] for t in res["train"]]
+             for k in ("fwd_s", "fwd_bwd_s", "temp_bytes")}
+  lengths = [t["length"] for t in res["train"]]
+  res["time_exponent"] = fit_exponent(lengths, per_seq["fwd_bwd_s"], *spec.fit)
+  res["memory_exponent"] = fit_exponent(lengths, per_seq["temp_bytes"], *spec.fit)
+  dec = res["decode"]
+  res["decode_ratio"] = (dec[-1]["s_per_token"] / dec[0]["s_per_token"]
+                         if len(dec) >= 2 else None)
+  return res
+
+
+def environment(spec: BenchSpec, cmd: str) -> dict:
+  d = jax.devices()[0]
+  return {"device": f"{d.platform} ({d.device_kind}), {jax.device_count()} device(s)",
+          "host": platform.processor() or platform.machine(),
+          "jax": jax.__version__, "dtype": spec.dtype, "d_model": spec.d_model,
+          "tokens_per_batch": spec.tokens, "lengths": list(spec.lengths),
+          "contexts": list(spec.contexts), "fit": list(spec.fit),
+          "repeats": spec.repeats, "command": cmd}
+
+
+def run(spec: BenchSpec, cmd: str, log: Callable[[str], None] = print) -> dict:
+  """Benchmark every mixer of `spec`; write bench.{json,md,png} under out."""
+  report = {"environment": environment(spec, cmd), "mixers": []}
+  for m in spec.mixers or tuple(mixers.names()):
+    log(f"bench {m}")
+    report["mixers"].append(bench_mixer(m, spec, log))
+  os.makedirs(spec.out, exist_ok=True)
+  with open(os.path.join(spec.out, "bench.json"), "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  with open(os.path.join(spec.out, "bench.md"), "w") as f:
+    f.write(markdown(report))
+  from train import plots  # matplotlib only when writing
+  plots.bench_plot(report, os.path.join(spec.out, "bench.png"))
+  return report
+
+
+# -- report --------------------------------------------------------------------
+
+def _fmt(v, fmt):
+  return "" if v is None else fmt.format(v)
+
+
+def markdown(report: dict) -> str:
+  env = report["environment"]
+  lines = [
+      "# Mixer benchmark", "",
+      f"- device: {env['device']}; jax {env['jax']}; dtype {env['dtype']}",
+      f"- d_model {env['d_model']}, {env['tokens_per_batch']} tokens per batch "
+      f"(batch = tokens / L); median of {env['repeats']} calls, compile excluded",
+      f"- exponents: least-squares slope of log(per-sequence cost) vs log L "
+      f"for {env['fit'][0]} <= L <= {env['fit'][1]}",
+      f"- reproduce: `{env['command']}`", ""]
+  ctx = env["contexts"]
+  lines += ["| mixer | params | train_cost | time exp. (declared) | memory exp. | "
+            f"decode {ctx[-1]}/{ctx[0]} | decode_state | error |",
+            "|---|---|---|---|---|---|---|---|"]
+  for m in report["mixers"]:
+    lines.append(
+        f"| {m['mixer']} | {m['params']:,} | {m['train_cost']} | "
+        f"{_fmt(m['time_exponent'], '{:.2f}')} ({m['declared_exponent']:.0f}) | "
+        f"{_fmt(m['memory_exponent'], '{:.2f}')} | {_fmt(m['decode_ratio'], '{:.2f}')} | "
+        f"{m['decode_state']} | {m.get('error', '')} |")
+  lines += ["", "Forward+backward ms per batch (forward ms) by length:", "",
+            "| mixer | " + " | ".join(str(L) for L in env["lengths"]) + " |",
+            "|---|" + "---|" * len(env["lengths"])]
+  for m in report["mixers"]:
+    by_len = {t["length"]: t for t in m["train"]}
+    cells = [f"{by_len[L]['fwd_bwd_s'] * 1e3:.2f} ({by_len[L]['fwd_s'] * 1e3:.2f})"
+             if L in by_len else "" for L in env["lengths"]]
+    lines.append(f"| {m['mixer']} | " + " | ".join(cells) + " |")
+  lines += ["", "Temporary memory of forward+backward, MiB:", "",
+            "| mixer | " + " | ".join(str(L) for L in env["lengths"]) + " |",
+            "|---|" + "---|" * len(env["lengths"])]
+  for m in report["mixers"]:
+    by_len = {t["length"]: t for t in m["train"]}
+    cells = [f"{by_len[L]['temp_bytes'] / 2**20:.1f}" if L in by_len else ""
+             for L in env["lengths"]]
+    lines.append(f"| {m['mixer']} | " + " | ".join(cells) + " |")
+  lines += ["", "Decode ms per token by context length:", "",
+            "| mixer | " + " | ".join(str(c) for c in ctx) + " |",
+            "|---|" + "---|" * len(ctx)]
+  for m in report["mixers"]:
+    by_ctx = {d["context"]: d for d in m["decode"]}
+    cells = [f"{by_ctx[c]['s_per_token'] * 1e3:.3f}" if c in by_ctx else "" for c in ctx]
+    lines.append(f"| {m['mixer']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# -- the mixer list (`mixerlab mixers`) -----------------------------------------
+
+def mixer_table(d_model: int = 64, length: int = 256, batch: int = 4,
+                repeats: int = 3) -> str:
+  """Markdown: each registered mixer's metadata, parameter count at d_model
+  and measured forward ms at [batch, length, d_model] (fp32, jitted)."""
+  lines = [f"Sequence mixers (params and forward time at d_model={d_model}, "
+           f"input [{batch}, {length}, {d_model}] fp32, {jax.devices()[0].platform}):",
+           "", "| mixer | family | train_cost | decode_state | segments | params | fwd ms |",
+           "|---|---|---|---|---|---|---|"]
+  for name in mixers.names():
+    info = mixers.info(name)
+    _, module = build(name, d_model)
+    graphdef, params = nnx.split(module)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    x = _inputs(batch, length, d_model, jnp.float32)
+    ms = median_time(fwd, params, x, repeats=repeats) * 1e3
+    n = count_params(module)
+    lines.append(f"| {name} | {info.family} | {info.train_cost} | {info.decode_state} | "
+                 f"{'yes' if info.supports_segments else 'no'} | {n:,} | {ms:.2f} |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""`mixerlab` command line: train, eval, sweep, bench, mixers.
+
+    mixerlab train --config configs/tiny.yaml --config configs/mixers/mamba.yaml optimizer.lr=1e-3
+    mixerlab eval  --config runs/default/config.yaml
+    mixerlab sweep --config configs/sweeps/default.yaml
+    mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
+    mixerlab mixers
+
+Trailing `key=value` arguments override config keys (train.configs). The
+work happens in train.loop, train.sweep and train.bench; this module only
+parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+from train import configs
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool, what: str):
+  p.add_argument("--config", action="append", default=[], required=required,
+                 metavar="PATH", help=f"{what} (repeatable; merged in order)")
+  p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                 help="config overrides, e.g. optimizer.lr=3e-4 "
+                      "'model.mixer=[mamba,attention]'")
+
+
+def _load(args) -> "configs.Config":
+  return configs.load(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+  cfg = _load(args)  # config errors first, before the trainer's heavy imports
+  from train import loop
+  print(f"run dir: {cfg.train.run_dir}  (config: {configs.save(cfg, cfg.train.run_dir)})")
+  print(json.dumps(loop.run(cfg), indent=1, default=str))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  cfg = _load(args)
+  from train import loop
+  print(json.dumps(loop.evaluate(cfg), indent=1, default=str))
+  return 0
+
+
+def cmd_sweep(args) -> int:
+  from train import results, sweep
+  sw = sweep.load(args.config)  # a bad sweep file fails here, before any run
+  if args.best_lr:
+    sw = dataclasses.replace(sw, best_lr=True)
+  out = args.out or os.path.join(
+      "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
+  if args.skip is None:  # the supervisor: the runs happen in child processes
+    worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
+              "--out", out, *(["--best-lr"] if args.best_lr else []), *args.overrides]
+    return sweep.supervise(worker, out, sw.timeout_s)
+  sweep.use_compile_cache(out)
+  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s])
+  print("\n" + results.markdown(res["shown"]))
+  failed = [r["run"] for r in res["rows"] if r["status"] != "done"]
+  print("written:\n  " + "\n  ".join(res["files"]))
+  if failed:
+    print(f"{len(failed)} run(s) not done: {', '.join(failed)} "
+          f"(errors in {os.path.join(out, sweep.STATE)})")
+  return 1 if failed else 0
+
+
+def _bench_flags(p: argparse.ArgumentParser):
+  """One flag per BenchSpec field; tuples are comma-separated lists."""
+  from train.bench import BenchSpec
+  hints = typing.get_type_hints(BenchSpec)
+  for f in dataclasses.fields(BenchSpec):
+    ann, default = hints[f.name], f.default
+    if typing.get_origin(ann) is tuple:
+      item = str if f.name == "mixers" else int
+      conv = lambda s, item=item: tuple(item(v) for v in s.split(",") if v)
+      shown = ",".join(map(str, default))
+    else:
+      conv, shown = ann, default
+    p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv,
+                   default=default, metavar=f.name.upper(),
+                   help=f.metadata["help"] + (f" (default: {shown})" if shown != "" else ""))
+
+
+def cmd_bench(args) -> int:
+  from train import bench
+  fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchSpec)}
+  config_args = [a for c in args.config for a in ("--config", c)] + args.overrides
+  if args.config or args.overrides:  # bench the config's mixers at its width
+    cfg = _load(args)
+    specs = {json.dumps({"name": n, **o}, sort_keys=True) for n, o in cfg.model.mixer_specs()}
+    fields.update(mixers=tuple(json.loads(s) for s in sorted(specs)),
+                  d_model=cfg.model.d_model, dtype=cfg.model.dtype)
+  spec = bench.BenchSpec(**fields)
+  cmd = bench.command(spec, config_args)
+  print(cmd)
+  bench.run(spec, cmd)
+  print(open(os.path.join(spec.out, "bench.md")).read())
+  print(f"written: {spec.out}/bench.json, bench.md, bench.png")
+  return 0
+
+
+def cmd_mixers(args) -> int:
+  from train import bench
+  print(bench.mixer_table(args.d_model, args.length, args.batch))
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mixerlab", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  s = sub.add_parser("train", help="train one model from config files")
+  _config_args(s, True, "config file")
+  s.set_defaults(func=cmd_train)
+  s = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+  _config_args(s, True, "config file (e.g. a run's config.yaml)")
+  s.set_defaults(func=cmd_eval)
+  s = sub.add_parser("sweep", help="run a sweep file; resumable; writes tables and plots")
+  s.add_argument("--config", required=True, metavar="PATH",
+                 help="the sweep file (see train/sweep.py)")
+  s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                 help="config overrides for every run")
+  s.add_argument("--out", help="sweep directory (default runs/sweeps/<sweep name>)")
+  s.add_argument("--best-lr", action="store_true",
+                 help="also tabulate/plot the best learning rate per setting")
+  s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
+  s.set_defaults(func=cmd_sweep)
+  s = sub.add_parser("bench", help="time/memory vs sequence length, decode vs context")
+  _config_args(s, False, "bench the mixers of this config at its width and dtype")
+  _bench_flags(s)
+  s.set_defaults(func=cmd_bench)
+  s = sub.add_parser("mixers", help="list registered mixers with size and forward time")
+  s.add_argument("--d-model", type=int, default=64)
+  s.add_argument("--length", type=int, default=256)
+  s.add_argument("--batch", type=int, default=4)
+  s.set_defaults(func=cmd_mixers)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except configs.ConfigError as e:  # a user error: the message, not a traceback
+    print(f"mixerlab {args.command}: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,127 @@
+"""The results table of a sweep: one row per run, CSV and Markdown.
+
+Values come only from the trainer's summary; a metric a run did not report
+(a failed run, bpb on MQAR, MFU on a platform without a peak-FLOPs figure)
+stays blank.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+
+from train import configs
+from train.config import Config
+
+# (column header, summary key or row field, Markdown format)
+COLUMNS = (
+    ("run", "run", "{}"),
+    ("task", "task", "{}"),
+    ("mixer", "mixer", "{}"),
+    ("d_model", "d_model", "{}"),
+    ("lr", "lr", "{:.0e}"),
+    ("params", "params", "{:,}"),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("step time (ms)", "step_time_ms", "{:.1f}"),
+    ("val loss", "val_loss", "{:.3f}"),
+    ("val ppl", "val_ppl", "{:.2f}"),
+    ("val bpb", "val_bpb", "{:.3f}"),
+    ("val acc", "val_accuracy", "{:.3f}"),
+    ("MFU", "mfu", "{:.2%}"),
+    ("peak mem (MiB)", "peak_memory_mib", "{:.1f}"),
+    ("status", "status", "{}"),
+)
+SUMMARY_KEYS = ("params", "tokens_per_s", "val_loss", "val_ppl", "val_bpb",
+                "val_accuracy", "mfu")
+
+
+def mixer_label(cfg: Config) -> str:
+  """"mamba", or "h3+attention+h3+attention" for a pattern."""
+  pattern = cfg.model.mixer if isinstance(cfg.model.mixer, tuple) else (cfg.model.mixer,)
+  return "+".join(s if isinstance(s, str) else s["name"] for s in pattern)
+
+
+def _known(x):
+  """None for values that are not a measurement (absent, NaN)."""
+  return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
+  """One table row from a run's config and sweep-state entry."""
+  s = entry.get("summary", {})
+  r = {"run": name, "task": cfg.data.task, "mixer": mixer_label(cfg),
+       "d_model": cfg.model.d_model, "lr": cfg.optimizer.lr,
+       "status": entry.get("status", ""), "error": entry.get("error", ""),
+       "run_dir": cfg.train.run_dir, "labels": labels,
+       "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
+       # runs that differ only in lr share a group (best-of-lr selection)
+       "group": configs.dumps(configs.replace(
+           cfg, optimizer={"lr": 0.0}, train={"run_dir": ""}))}
+  r.update({k: _known(s.get(k)) for k in SUMMARY_KEYS})
+  step, mem = _known(s.get("step_time_s")), _known(s.get("peak_memory_bytes"))
+  r["step_time_ms"] = None if step is None else 1e3 * step
+  r["peak_memory_mib"] = None if mem is None else mem / 2**20
+  return r
+
+
+def quality(r: dict) -> tuple[str, float | None, bool]:
+  """(metric, value, higher_is_better) by which a run is ranked: accuracy
+  where the task reports it (MQAR), else bits per byte, else loss."""
+  for key, higher in (("val_accuracy", True), ("val_bpb", False), ("val_loss", False)):
+    if r.get(key) is not None:
+      return key, r[key], higher
+  return "val_loss", None, False
+
+
+def best_of_lr(rows: Sequence[dict]) -> list[dict]:
+  """The best finished run of each group of runs differing only in lr."""
+  best: dict[str, dict] = {}
+  for r in rows:
+    _, v, higher = quality(r)
+    if v is None:
+      continue
+    cur = best.get(r["group"])
+    if cur is None or (v > quality(cur)[1] if higher else v < quality(cur)[1]):
+      best[r["group"]] = r
+  return [r for r in rows if best.get(r["group"]) is r]
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+  v = r.get(key)
+  return "" if v is None else fmt.format(v)
+
+
+def markdown(rows: Sequence[dict]) -> str:
+  head = [c[0] for c in COLUMNS]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |"
+            for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow([c[0] for c in COLUMNS] + ["error"])
+    for r in rows:
+      w.writerow(["" if r.get(k) is None else r[k] for _, k, _ in COLUMNS]
+                 + [r.get("error", "")])
+
+
+def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
+  """Write results.{csv,md} (and results_best_lr.* when asked) and the plots
+  under `out`; return {"rows", "shown", "files"}. `shown` are the rows the
+  plots use: the best-lr rows when best_lr, else all."""
+  from train import plots  # matplotlib only when writing
+  files = []
+  tables = [("results", rows)] + ([("results_best_lr", best_of_lr(rows))] if best_lr else [])
+  for stem, rs in tables:
+    write_csv(rs, os.path.join(out, stem + ".csv"))
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+      f.write(markdown(rs))
+    files += [os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".md")]
+  shown = tables[-1][1]
+  files += plots.sweep_plots(shown, out)
+  return {"rows": list(rows), "shown": list(shown), "files": files}
