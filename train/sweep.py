@@ -223,7 +223,7 @@ def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
     finally:
       faulthandler.disable()
   os.remove(tb_path)
-  entry.update(status=DONE, summary=summary)
+  entry.update(status=DONE, summary=summary, wall_s=time.time() - entry["started"])
 
 
 def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
