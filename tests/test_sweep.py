@@ -117,7 +117,9 @@ def test_failure_recorded_sweep_continues_rerun_skips_done(tmp_path):
 
   second = FakeTrainer()
   sweep.run_sweep(sw, out, run_fn=second, log=lambda _: None)
-  assert second.calls == [bad]  # finished runs skipped, the failed one retried
+  assert second.calls == []  # finished and failed runs are kept
+  sweep.run_sweep(sw, out, run_fn=second, log=lambda _: None, retry_failed=True)
+  assert second.calls == [bad]
   # changing the config of an existing run is refused, not silently mixed
   with pytest.raises(configs.ConfigError, match="different config"):
     sweep.run_sweep(sw, out, overrides=["train.steps=9"], run_fn=second, log=lambda _: None)

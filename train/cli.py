@@ -59,10 +59,12 @@ def cmd_sweep(args) -> int:
       "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
   if args.skip is None:  # the supervisor: the runs happen in child processes
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
-              "--out", out, *(["--best-lr"] if args.best_lr else []), *args.overrides]
+              "--out", out, *(["--best-lr"] if args.best_lr else []),
+              *(["--retry-failed"] if args.retry_failed else []), *args.overrides]
     return sweep.supervise(worker, out, sw.timeout_s)
   sweep.use_compile_cache(out)
-  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s])
+  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
+                        retry_failed=args.retry_failed)
   print("\n" + results.markdown(res["shown"]))
   failed = [r["run"] for r in res["rows"] if r["status"] != "done"]
   print("written:\n  " + "\n  ".join(res["files"]))
@@ -130,6 +132,8 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--out", help="sweep directory (default runs/sweeps/<sweep name>)")
   s.add_argument("--best-lr", action="store_true",
                  help="also tabulate/plot the best learning rate per setting")
+  s.add_argument("--retry-failed", action="store_true",
+                 help="run failed runs again (finished ones are always kept)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   s.set_defaults(func=cmd_sweep)
   s = sub.add_parser("bench", help="time/memory vs sequence length, decode vs context")

@@ -23,12 +23,13 @@ once, see `train.configs`), then overrides: sweep, grid, variant, command line.
 
 `run_sweep` runs the variants one after another. The state file
 <out>/sweep.json records each run's status; a re-invocation skips finished
-runs and calls the trainer again on the others (failed ones included),
-which resumes from their checkpoints. A failing run leaves its traceback in
-<run_dir>/traceback.txt, is marked failed with its error, and the sweep goes
-on. `supervise` (what `mixerlab sweep` uses) runs the sweep in a child
-process so that a hard crash of one run (a segfault in XLA or a mixer) is
-recorded the same way instead of ending the sweep.
+and failed runs (`retry_failed` retries those) and calls the trainer again
+on interrupted ones, which resumes from their checkpoints. A failing run
+leaves its traceback in <run_dir>/traceback.txt, is marked failed with its
+error, and the sweep goes on. `supervise` (what `mixerlab sweep` uses) runs
+the sweep in a child process so that a hard crash or a hang of one run (a
+segfault in XLA or a mixer) is recorded the same way instead of ending or
+stalling the sweep.
 """
 
 from __future__ import annotations
@@ -223,14 +224,16 @@ def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
     finally:
       faulthandler.disable()
   os.remove(tb_path)
-  entry.update(status=DONE, summary=summary)
+  entry.update(status=DONE, summary=summary, wall_s=time.time() - entry["started"])
 
 
 def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
               run_fn: Callable[[Config], dict] = trainer_run,
-              log: Callable[[str], None] = print, skip: Sequence[str] = ()) -> dict:
-  """Run every variant not done (nor in `skip`) into out/runs/<name>, in
-  this process; return `results.write`'s dict (tables and plots under out)."""
+              log: Callable[[str], None] = print, skip: Sequence[str] = (),
+              retry_failed: bool = False) -> dict:
+  """Run every variant not done (nor failed, unless retry_failed, nor in
+  `skip`) into out/runs/<name>, in this process; return `results.write`'s
+  dict (tables and plots under out)."""
   os.makedirs(out, exist_ok=True)
   cfgs = {v.name: configs.replace(sweep.config(v, overrides), train={
       "run_dir": os.path.join(out, "runs", v.name)}) for v in sweep.variants}
@@ -242,7 +245,8 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
       raise configs.ConfigError(
           f"run {v.name!r} in {out} was started with a different config; use "
           "another output directory or delete that run's directory and entry")
-    if entry.get("status") == DONE or v.name in skip:
+    status = entry.get("status")
+    if status == DONE or (status == FAILED and not retry_failed) or v.name in skip:
       log(f"[{i + 1}/{len(cfgs)}] {v.name}: {entry.get('status')}, skipped")
       continue
     log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if entry else 'starting'}")
