@@ -169,6 +169,15 @@ def check_gradients(make: Make):
     assert np.abs(g).max() > 0, f"zero gradient for parameter {name}"
 
 
+def check_traced_init(make: Make):
+  """The trainer builds models under jit (and eval_shape): construction must
+  not pull traced values into numpy or Python."""
+  shapes = jax.eval_shape(lambda: nnx.split(make(0))[1])
+  built = jax.jit(lambda: nnx.split(make(0))[1])()
+  for s, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(built), strict=True):
+    assert s.shape == b.shape, f"traced init shape {b.shape} != {s.shape}"
+
+
 def check_deterministic(make: Make):
   a, b = make(7), make(7)
   pa = jax.tree.leaves(nnx.state(a, nnx.Param))
@@ -213,5 +222,6 @@ CHECKS = {
     "packed": check_packed,
     "gradients": check_gradients,
     "deterministic": check_deterministic,
+    "traced_init": check_traced_init,
     "metadata": check_metadata,
 }

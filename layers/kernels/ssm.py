@@ -225,7 +225,9 @@ DPLR_KERNEL = Op(
     "dplr_kernel",
     impls={"cauchy": Impl("cauchy", _dplr_cauchy),
            "dense": Impl("dense", _dplr_dense)},
-    order={"default": ("cauchy", "dense")},
+    # CPU takes "dense": the Cauchy path hung inside the full CPU train step
+    # on jax 0.10.2 (its kernel and gradient tests pass); not yet understood.
+    order={"cpu": ("dense", "cauchy"), "default": ("cauchy", "dense")},
 )
 
 

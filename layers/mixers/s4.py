@@ -90,7 +90,9 @@ class S4(LTIMixer):
   Abar^L: computed densely (O(d N^3 log L)), so C stays the recurrence's
   C and the layer is one system for every length (the paper learns C~
   directly for a fixed L). "dense": Krylov powers of the materialized
-  Abar (O(d N^2 L)), all matmuls. Precision: the Woodbury correction
+  Abar (O(d N^2 L)), all matmuls. `dplr_kernel="auto"` takes "dense" on
+  CPU (the Cauchy path hung inside the CPU train step on jax 0.10.2) and
+  "cauchy" elsewhere. Precision: the Woodbury correction
   cancels terms ~|P|^2 ~ N^2/2 times the kernel, so in fp32 the "cauchy"
   kernel matches the recurrence to ~3e-6 relative at the default dt range
   and ~4e-5 at dt up to 0.5 (N = 64), "dense" to ~1e-6 and ~4e-6. The

@@ -67,8 +67,9 @@ class S5(Mixer):
     key_b, key_c = rngs.params(), rngs.params()
     B = jax.random.normal(key_b, (state_dim, d_model)) / np.sqrt(d_model)
     C = jax.random.normal(key_c, (d_model, state_dim)) / np.sqrt(state_dim)
-    self.B = complex_param(V.conj().T @ np.asarray(B), ("state", "embed"))
-    self.C = complex_param(np.asarray(C) @ V, ("embed", "state"))
+    # jnp, not np: B and C are traced when the model is built under jit.
+    self.B = complex_param(jnp.asarray(V.conj().T) @ B, ("state", "embed"))
+    self.C = complex_param(C @ jnp.asarray(V), ("embed", "state"))
     self.D = normal_param(rngs, (d_model,), ("embed",))
     self.log_dt = log_dt_param(rngs, (modes,), ("state",), dt_min, dt_max)
     self.out = GatedOutput(d_model, "half_glu", rngs=rngs)

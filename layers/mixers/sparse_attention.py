@@ -110,7 +110,9 @@ class BlockSparseMixer(Mixer):
     self.check_call(x, cache, segment_ids)
     if cache is not None:
       self.check_cache(x, cache)
-    return _forward(self, x, cache, segment_ids)
+    if isinstance(x, jax.core.Tracer):  # already traced: no nested nnx.jit,
+      return self.forward(x, cache, segment_ids)  # whose state write-back
+    return _forward(self, x, cache, segment_ids)  # fails across trace levels
 
   def check_cache(self, x, cache) -> None:
     """Checks on the concrete cache position, made before tracing. None
@@ -129,7 +131,8 @@ class BlockSparseMixer(Mixer):
 def _forward(mixer, x, cache, segment_ids):
   """Sparse mixers run jitted even when called eagerly: their many small
   index and gather ops would otherwise each be compiled on first use, which
-  takes tens of seconds on CPU. Inside an outer jit this is inlined."""
+  takes tens of seconds on CPU. Under an outer trace the mixer calls
+  `forward` directly instead."""
   return mixer.forward(x, cache, segment_ids)
 
 
