@@ -1,5 +1,6 @@
 """Benchmarks: exponent fit, a tiny attention run, a reproducible command."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -52,3 +53,37 @@ def test_attention_tiny_bench_writes_json_table_plot(tmp_path):
   md = open(tmp_path / "bench.md").read()
   assert "| attention | " in md and "reproduce: `mixerlab bench" in md
   assert os.path.getsize(tmp_path / "bench.png") > 10_000
+
+
+def test_targets_mark_claims_kept_and_missed():
+  fit = (2048, 16384)
+  assert bench.expected_exponent("n log n", *fit) == pytest.approx(1.116, abs=1e-3)
+  base = {"train_cost": "linear", "decode_state": "constant",
+          "time_exponent": 1.05, "memory_exponent": 1.0, "decode_ratio": 1.1}
+  assert bench.targets(base, fit) | {} == {
+      "expected": 1.0, "exp_limit": 1.2, "decode_limit": 1.2,
+      "time_ok": True, "memory_ok": True, "decode_ok": True}
+  slow = base | {"time_exponent": 1.9, "decode_ratio": 3.0}
+  t = bench.targets(slow, fit)
+  assert (t["time_ok"], t["memory_ok"], t["decode_ok"]) == (False, True, False)
+  # quadratic cost and a growing cache set no target; missing figures neither
+  dense = base | {"train_cost": "quadratic", "decode_state": "length", "decode_ratio": None}
+  t = bench.targets(dense, fit)
+  assert (t["time_ok"], t["decode_ok"], t["exp_limit"]) == (None, None, None)
+
+
+def test_rerun_resumes_from_written_report(tmp_path):
+  spec = bench.BenchSpec(mixers=("attention", "s4d"), d_model=16, lengths=(16, 32),
+                         tokens=64, contexts=(8,), fit=(16, 32), repeats=1,
+                         out=str(tmp_path))
+  first = bench.run(spec, bench.command(spec), log=lambda _: None)
+  logs = []
+  second = bench.run(spec, bench.command(spec), log=logs.append)
+  assert second["mixers"] == json.loads(json.dumps(first["mixers"], default=str))
+  assert logs == [f"bench attention: kept from {tmp_path}/bench.json",
+                  f"bench s4d: kept from {tmp_path}/bench.json"]
+  # a different spec measures again rather than mixing conditions
+  other = dataclasses.replace(spec, mixers=("s4d",), repeats=2)
+  logs.clear()
+  bench.run(other, bench.command(other), log=logs.append)
+  assert logs[0] == "bench s4d"

@@ -16,8 +16,14 @@ same for memory. Decode time at the largest over the smallest context is
 shown next to `info.decode_state` (~1 for constant/bounded state, growing
 for a KV cache).
 
+Each measured figure is marked against the mixer's claim (`targets`): a
+sub-quadratic cost must fit an exponent within SLACK of its declared slope,
+and a constant or bounded decode state must keep the per-token decode time
+within 1 + SLACK from the shortest to the longest context.
+
 Outputs under `out`: bench.json, bench.md (with a header naming the device,
 dtype, shapes, jax version and the command that reproduces it), bench.png.
+They are rewritten after every mixer; rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -210,19 +216,53 @@ def environment(spec: BenchSpec, cmd: str) -> dict:
           "repeats": spec.repeats, "command": cmd}
 
 
+def _write(report: dict, out: str, plot: bool) -> None:
+  """bench.json and bench.md (and bench.png), each replaced atomically."""
+  os.makedirs(out, exist_ok=True)
+  for name, text in (("bench.json", json.dumps(report, indent=1, default=str)),
+                     ("bench.md", markdown(report))):
+    tmp = os.path.join(out, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out, name))
+  if plot:
+    from train import plots  # matplotlib only when writing
+    plots.bench_plot(report, os.path.join(out, "bench.png"))
+
+
+def _finished(spec: BenchSpec, env: dict) -> dict:
+  """Results already in `spec.out` from a run with the same environment
+  (device, jax, spec), by mixer spec; errors are not kept, so they rerun."""
+  path = os.path.join(spec.out, "bench.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  if old.get("environment") != json.loads(json.dumps(env, default=str)):
+    return {}
+  return {json.dumps(m["spec"], sort_keys=True): m for m in old["mixers"]
+          if "error" not in m}
+
+
 def run(spec: BenchSpec, cmd: str, log: Callable[[str], None] = print) -> dict:
-  """Benchmark every mixer of `spec`; write bench.{json,md,png} under out."""
-  report = {"environment": environment(spec, cmd), "mixers": []}
+  """Benchmark every mixer of `spec`; write bench.{json,md,png} under out.
+
+  The report is rewritten after each mixer, so a long run that is stopped
+  keeps what it measured, and rerunning the same command resumes: mixers
+  already measured under the same environment are kept, not re-timed."""
+  env = environment(spec, cmd)
+  done = _finished(spec, env)
+  report = {"environment": env, "mixers": []}
   for m in spec.mixers or tuple(mixers.names()):
+    key = json.dumps(m, sort_keys=True)
+    if key in done:
+      log(f"bench {m}: kept from {spec.out}/bench.json")
+      report["mixers"].append(done[key])
+      continue
     log(f"bench {m}")
     report["mixers"].append(bench_mixer(m, spec, log))
-  os.makedirs(spec.out, exist_ok=True)
-  with open(os.path.join(spec.out, "bench.json"), "w") as f:
-    json.dump(report, f, indent=1, default=str)
-  with open(os.path.join(spec.out, "bench.md"), "w") as f:
-    f.write(markdown(report))
-  from train import plots  # matplotlib only when writing
-  plots.bench_plot(report, os.path.join(spec.out, "bench.png"))
+    _write(report, spec.out, plot=False)
+  _write(report, spec.out, plot=True)
   return report
 
 
@@ -232,25 +272,74 @@ def _fmt(v, fmt):
   return "" if v is None else fmt.format(v)
 
 
+SLACK = 0.2  # allowed excess of a measured exponent (or decode ratio) over the claim
+
+
+def expected_exponent(train_cost: str, lo: int, hi: int) -> float:
+  """Log-log slope of the declared per-sequence cost between lengths lo and
+  hi: 1 for linear, 2 for quadratic, 1 + ln(ln hi / ln lo) / ln(hi / lo) for
+  n log n (1.12 over 2K-16K): what a mixer that keeps its claim measures."""
+  k = TRAIN_COSTS[train_cost]
+  if train_cost == "n log n":
+    k += float(np.log(np.log(hi) / np.log(lo)) / np.log(hi / lo))
+  return k
+
+
+def targets(m: dict, fit: Sequence[int]) -> dict:
+  """Pass/fail of the measured figures against the mixer's claims, or None
+  where the claim sets no target (quadratic cost; a length-growing cache):
+    time and memory exponents <= expected + SLACK for sub-quadratic claims;
+    decode ratio <= 1 + SLACK for constant or bounded state."""
+  exp = expected_exponent(m["train_cost"], *fit)
+  sub_quadratic = m["train_cost"] != "quadratic"
+
+  def check(v, limit):
+    return None if v is None or limit is None else bool(v <= limit)
+
+  limit = exp + SLACK if sub_quadratic else None
+  dec = 1 + SLACK if m["decode_state"] in ("constant", "bounded") else None
+  return {"expected": exp, "exp_limit": limit, "decode_limit": dec,
+          "time_ok": check(m["time_exponent"], limit),
+          "memory_ok": check(m["memory_exponent"], limit),
+          "decode_ok": check(m["decode_ratio"], dec)}
+
+
+def _fmt(v, fmt):
+  return "" if v is None else fmt.format(v)
+
+
+def _mark(ok):
+  return {None: "", True: " ✓", False: " ✗"}[ok]
+
+
 def markdown(report: dict) -> str:
   env = report["environment"]
+  lo, hi = env["fit"]
   lines = [
       "# Mixer benchmark", "",
       f"- device: {env['device']}; jax {env['jax']}; dtype {env['dtype']}",
       f"- d_model {env['d_model']}, {env['tokens_per_batch']} tokens per batch "
       f"(batch = tokens / L); median of {env['repeats']} calls, compile excluded",
       f"- exponents: least-squares slope of log(per-sequence cost) vs log L "
-      f"for {env['fit'][0]} <= L <= {env['fit'][1]}",
+      f"for {lo} <= L <= {hi}; the claim's slope over that range is 1 (linear), "
+      f"{expected_exponent('n log n', lo, hi):.2f} (n log n) or 2 (quadratic)",
+      f"- targets: sub-quadratic claims measure at most the claim's slope + "
+      f"{SLACK} in time and memory; constant or bounded decode state at most "
+      f"{1 + SLACK:.1f}x per token from the shortest to the longest context "
+      f"(✓ met, ✗ missed, blank: the claim sets no target)",
       f"- reproduce: `{env['command']}`", ""]
   ctx = env["contexts"]
-  lines += ["| mixer | params | train_cost | time exp. (declared) | memory exp. | "
+  lines += ["| mixer | params | train_cost | time exp. | memory exp. | target exp. | "
             f"decode {ctx[-1]}/{ctx[0]} | decode_state | error |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
   for m in report["mixers"]:
+    t = targets(m, env["fit"])
     lines.append(
         f"| {m['mixer']} | {m['params']:,} | {m['train_cost']} | "
-        f"{_fmt(m['time_exponent'], '{:.2f}')} ({m['declared_exponent']:.0f}) | "
-        f"{_fmt(m['memory_exponent'], '{:.2f}')} | {_fmt(m['decode_ratio'], '{:.2f}')} | "
+        f"{_fmt(m['time_exponent'], '{:.2f}')}{_mark(t['time_ok'])} | "
+        f"{_fmt(m['memory_exponent'], '{:.2f}')}{_mark(t['memory_ok'])} | "
+        f"{'≤ ' + format(t['exp_limit'], '.2f') if t['exp_limit'] else 'none'} | "
+        f"{_fmt(m['decode_ratio'], '{:.2f}')}{_mark(t['decode_ok'])} | "
         f"{m['decode_state']} | {m.get('error', '')} |")
   lines += ["", "Forward+backward ms per batch (forward ms) by length:", "",
             "| mixer | " + " | ".join(str(L) for L in env["lengths"]) + " |",
