@@ -278,3 +278,36 @@ def test_bad_options_name_the_problem(name, options, match):
 def test_option_types_are_checked():
   with pytest.raises(OptionError, match="chunk_size"):
     mixers.build("gla", 32, rngs=nnx.Rngs(0), chunk_size="8")
+
+
+PER_CHANNEL_GRAD = """
+import jax, jax.numpy as jnp
+import layers  # applies layers/_xla_flags.py before JAX starts
+from layers.kernels.linear_attention import causal_linear_attention
+r = jax.random.split(jax.random.key(0), 4)
+q, k = (jax.random.normal(r[i], (1, 128, 4, 8)) for i in (0, 1))
+v = jax.random.normal(r[2], (1, 128, 4, 16))
+g = -jax.nn.softplus(jax.random.normal(r[3], (1, 128, 4, 8)))
+loss = lambda *a: causal_linear_attention(*a[:3], log_decay=a[3], chunk_size=64)[0].sum()
+grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, g)
+print("finite", all(bool(jnp.isfinite(x).all()) for x in grads))
+"""
+
+
+def test_per_channel_decay_grad_runs_in_fresh_process():
+  # Sub-chunked per-channel decay (GLA, RWKV-6) at chunk 64 > SUB_CHUNK:
+  # on jaxlib 0.10.2 this gradient segfaulted in XLA's CPU "YNN reduce"
+  # fusion until layers/_xla_flags.py turned that fusion off. Run in a
+  # fresh process, with default XLA threads, so a crash is a failure here.
+  from fresh_process import run_python
+  proc = run_python(PER_CHANNEL_GRAD, timeout=240)
+  assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+  assert "finite True" in proc.stdout
+
+
+def test_xla_flags_added_only_where_needed_and_never_over_the_users():
+  from layers import _xla_flags
+  assert _xla_flags.needed_flags("0.10.2") == (f"{_xla_flags.YNN_FLAG}=-reduce",)
+  assert _xla_flags.needed_flags("0.11.0") == ()
+  mine = {"XLA_FLAGS": f"{_xla_flags.YNN_FLAG}=-dot"}
+  assert _xla_flags.apply(mine) == () and mine["XLA_FLAGS"].endswith("=-dot")

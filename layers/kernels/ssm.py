@@ -65,13 +65,27 @@ def discretize_diag(dt: jax.Array, A: jax.Array, method: str):
 
 
 @jax.jit
-def bilinear_dense(dt: jax.Array, A: jax.Array, B: jax.Array):
-  """Dense bilinear discretization. dt [...], A [..., N, N], B [..., N] ->
-  Abar = (I - dt/2 A)^-1 (I + dt/2 A), Bbar = (I - dt/2 A)^-1 dt B."""
-  eye = jnp.eye(A.shape[-1], dtype=A.dtype)
-  half = (0.5 * dt)[..., None, None] * A
-  Abar = jnp.linalg.solve(eye - half, eye + half)
-  Bbar = jnp.linalg.solve(eye - half, (dt[..., None] * B)[..., None])[..., 0]
+def bilinear_dplr(dt: jax.Array, Lambda: jax.Array, P: jax.Array, B: jax.Array):
+  """Bilinear discretization of A = diag(Lambda) - P P^* (S4's DPLR form).
+
+  dt [...]; Lambda, P, B [..., N] -> Abar [..., N, N], Bbar [..., N]:
+    Abar = M^-1 (I + dt/2 A),  Bbar = M^-1 dt B,  M = I - dt/2 A.
+  M = diag(d) + h P P^* (d = 1 - h Lambda, h = dt/2) is diagonal plus rank
+  one, so Woodbury inverts it exactly in O(N^2) with no LAPACK call:
+    M^-1 = diag(1/d) - h (P/d)(P^*/d) / (1 + h P^* (P/d)).
+  (A batched LAPACK solve here deadlocked jaxlib 0.10.2's CPU runtime when
+  two layers ran theirs concurrently on a two-thread pool:
+  tests/test_ssm.py::test_two_s4_layers_train_step_does_not_deadlock.)"""
+  h = (0.5 * dt)[..., None]                                      # [..., 1]
+  d_inv = 1.0 / (1.0 - h * Lambda)                               # [..., N]
+  col, row = P * d_inv, P.conj() * d_inv                       # D^-1 P, P^* D^-1
+  scale = h / (1.0 + h * jnp.sum(row * P, axis=-1, keepdims=True))
+  eye = jnp.eye(Lambda.shape[-1], dtype=Lambda.dtype)
+  M_inv = eye * d_inv[..., None, :] - (scale * col)[..., :, None] * row[..., None, :]
+  right = eye + h[..., None] * dplr_matrix(Lambda, P)           # I + h A
+  Abar = jnp.matmul(M_inv, right, precision=jax.lax.Precision.HIGHEST)
+  Bbar = jnp.einsum("...mn,...n->...m", M_inv, (2.0 * h) * B,
+                    precision=jax.lax.Precision.HIGHEST)
   return Abar, Bbar
 
 
@@ -174,7 +188,7 @@ def krylov(Abar: jax.Array, b: jax.Array, length: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="length")
 def _dplr_dense(Lambda, P, B, C, dt, length):
-  Abar, Bbar = bilinear_dense(dt, dplr_matrix(Lambda, P), B)
+  Abar, Bbar = bilinear_dplr(dt, Lambda, P, B)
   states = krylov(Abar, Bbar, length)                           # [L, H, N]
   return 2.0 * jnp.einsum("...n,l...n->l...", C, states,
                           precision=jax.lax.Precision.HIGHEST).real
@@ -188,7 +202,7 @@ def _dplr_cauchy(Lambda, P, B, C, dt, length):
   # With A = Lambda - P P^* the bracket is diag(den) + (1+z) P P^*, whose
   # inverse the Woodbury identity gives from Cauchy sums over 1/den. (This
   # form has no pole at z = -1, unlike the textbook 2/(1+z) factorization.)
-  Abar, _ = bilinear_dense(dt, dplr_matrix(Lambda, P), B)
+  Abar, _ = bilinear_dplr(dt, Lambda, P, B)
   AbarL = jnp.linalg.matrix_power(Abar, length)
   C_tilde = C - jnp.einsum("...m,...mn->...n", C, AbarL,
                            precision=jax.lax.Precision.HIGHEST)
@@ -225,9 +239,7 @@ DPLR_KERNEL = Op(
     "dplr_kernel",
     impls={"cauchy": Impl("cauchy", _dplr_cauchy),
            "dense": Impl("dense", _dplr_dense)},
-    # CPU takes "dense": the Cauchy path hung inside the full CPU train step
-    # on jax 0.10.2 (its kernel and gradient tests pass); not yet understood.
-    order={"cpu": ("dense", "cauchy"), "default": ("cauchy", "dense")},
+    order={"default": ("cauchy", "dense")},
 )
 
 

@@ -40,13 +40,10 @@ class GLA(LinearMixer):
                    "arXiv:2312.06635", train_cost="linear",
                    decode_state="constant", supports_segments=True)
 
-  # chunk_size defaults to the kernel's SUB_CHUNK (16): with larger chunks
-  # the sub-chunked path segfaulted inside the full CPU train step on jax
-  # 0.10.2 (its forward and gradient tests pass); not yet understood.
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, key_dim: int | None = None,
                gate_rank: int = 16, gate_temperature: float = 16.0,
-               form: str = "chunked", chunk_size: int = 16):
+               form: str = "chunked", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     key_dim = max(head_dim // 2, 1) if key_dim is None else key_dim
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=key_dim,

@@ -158,12 +158,9 @@ class RWKV6(RecurrentMixer):
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
 
-  # chunk_size defaults to the kernel's SUB_CHUNK (16): with larger chunks
-  # the sub-chunked path segfaulted inside the full CPU train step on jax
-  # 0.10.2 (its forward and gradient tests pass); not yet understood.
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 16,
                mix_rank: int = 32, decay_rank: int = 64, form: str = "chunked",
-               chunk_size: int = 16):
+               chunk_size: int = 64):
     if head_dim < 1 or d_model % head_dim:
       raise ValueError(f"rwkv6: d_model={d_model} must be a positive multiple "
                        f"of head_dim={head_dim}")
