@@ -26,8 +26,13 @@ def test_spec_checks_and_command_reproduces_spec():
     bench.BenchSpec(lengths=(64, 128), tokens=64, fit=(64, 128))
   with pytest.raises(ValueError, match="at least two"):
     bench.BenchSpec(lengths=(64, 128), tokens=128, fit=(256, 512))
+  with pytest.raises(ValueError, match="batch must be >= 0"):
+    bench.BenchSpec(batch=-1)
+  one = bench.BenchSpec(lengths=(64, 128), tokens=64, fit=(64, 128), batch=1)
+  assert [bench.batch_size(one, L) for L in (64, 128)] == [1, 1]
   spec = bench.BenchSpec(mixers=("attention",), d_model=16, lengths=(16, 32),
-                         tokens=64, contexts=(8, 16), fit=(16, 32), repeats=1)
+                         tokens=64, contexts=(8, 16), fit=(16, 32), repeats=1,
+                         batch=2)
   argv = shlex.split(bench.command(spec))[1:]
   args = cli.parser().parse_args(argv)
   fields = {k: getattr(args, k) for k in bench.BenchSpec.__dataclass_fields__}

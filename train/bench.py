@@ -1,9 +1,13 @@
 """Mixer benchmarks: how time and memory grow with sequence length.
 
 For each mixer (alone, at width d_model, default or given options):
-  * forward and forward+backward time per length L at a fixed number of
-    tokens per batch (batch = tokens // L), jitted, compile excluded, the
-    median of `repeats` calls;
+  * forward and forward+backward time per length L, jitted, compile
+    excluded, the median of `repeats` calls, at a fixed number of tokens
+    per batch (batch = tokens // L, the training regime) or at a fixed
+    `batch` (batch 1: the cost of one sequence, what a complexity claim is
+    about; costs shared by a batch, such as an SSM's convolution kernel,
+    are spread over tokens // L sequences in the first regime, which adds
+    up to one power of L to their per-sequence exponent);
   * temporary memory of the compiled forward+backward program
     (`memory_analysis().temp_size_in_bytes`; works on CPU too);
   * decode time per token after prefilling a cache with `ctx` tokens
@@ -63,6 +67,7 @@ class BenchSpec:
   lengths: tuple[int, ...] = _opt((256, 512, 1024, 2048, 4096, 8192, 16384),
                                   "sequence lengths for training cost")
   tokens: int = _opt(16384, "tokens per batch at every length (batch = tokens // L)")
+  batch: int = _opt(0, "sequences per batch at every length instead (0: tokens // L)")
   contexts: tuple[int, ...] = _opt((1024, 4096, 16384), "decode context lengths")
   fit: tuple[int, ...] = _opt((2048, 16384), "lo,hi: length range of the exponent fit")
   repeats: int = _opt(5, "timed calls per measurement (median)")
@@ -72,7 +77,9 @@ class BenchSpec:
   def __post_init__(self):
     if len(self.fit) != 2:
       raise ValueError(f"fit must be two lengths lo,hi; got {self.fit}")
-    if max(self.lengths) > self.tokens:
+    if self.batch < 0:
+      raise ValueError(f"batch must be >= 0 (0: tokens // length); got {self.batch}")
+    if not self.batch and max(self.lengths) > self.tokens:
       raise ValueError(f"tokens={self.tokens} must be >= the largest length "
                        f"{max(self.lengths)} (batch = tokens // length)")
     bad = [c for c in self.contexts if c > PREFILL_CHUNK and c % PREFILL_CHUNK]
@@ -134,11 +141,15 @@ def _inputs(batch, length, d_model, dtype, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch, length, d_model), dtype)
 
 
+def batch_size(spec: BenchSpec, L: int) -> int:
+  return spec.batch or spec.tokens // L
+
+
 def train_costs(module, spec: BenchSpec, L: int) -> dict:
   """Forward and forward+backward seconds per batch, and the temp bytes of
   the compiled forward+backward, at length L."""
   graphdef, params = nnx.split(module)
-  x = _inputs(spec.tokens // L, L, spec.d_model, jnp.dtype(spec.dtype))
+  x = _inputs(batch_size(spec, L), L, spec.d_model, jnp.dtype(spec.dtype))
 
   def fwd(params, x):
     return nnx.merge(graphdef, params)(x)
@@ -211,7 +222,8 @@ def environment(spec: BenchSpec, cmd: str) -> dict:
   return {"device": f"{d.platform} ({d.device_kind}), {jax.device_count()} device(s)",
           "host": platform.processor() or platform.machine(),
           "jax": jax.__version__, "dtype": spec.dtype, "d_model": spec.d_model,
-          "tokens_per_batch": spec.tokens, "lengths": list(spec.lengths),
+          "tokens_per_batch": spec.tokens, "batch": spec.batch,
+          "lengths": list(spec.lengths),
           "contexts": list(spec.contexts), "fit": list(spec.fit),
           "repeats": spec.repeats, "command": cmd}
 
@@ -312,14 +324,20 @@ def _mark(ok):
   return {None: "", True: " ✓", False: " ✗"}[ok]
 
 
+def batching(env: dict) -> str:
+  if env.get("batch"):
+    return f"batch {env['batch']} at every length"
+  return f"{env['tokens_per_batch']} tokens per batch (batch = tokens / L)"
+
+
 def markdown(report: dict) -> str:
   env = report["environment"]
   lo, hi = env["fit"]
   lines = [
       "# Mixer benchmark", "",
       f"- device: {env['device']}; jax {env['jax']}; dtype {env['dtype']}",
-      f"- d_model {env['d_model']}, {env['tokens_per_batch']} tokens per batch "
-      f"(batch = tokens / L); median of {env['repeats']} calls, compile excluded",
+      f"- d_model {env['d_model']}, {batching(env)}; median of "
+      f"{env['repeats']} calls, compile excluded",
       f"- exponents: least-squares slope of log(per-sequence cost) vs log L "
       f"for {lo} <= L <= {hi}; the claim's slope over that range is 1 (linear), "
       f"{expected_exponent('n log n', lo, hi):.2f} (n log n) or 2 (quadratic)",

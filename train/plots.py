@@ -147,8 +147,9 @@ def bench_plot(report: dict, path: str) -> str:
     ax.set_xticks(ticks, [str(t) for t in ticks])  # the measured sizes, not 10^k
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax_d.legend(fontsize=7, ncol=2)
+  from train.bench import batching
   fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
-               f"{env['tokens_per_batch']} tokens/batch", fontsize=9)
+               f"{batching(env)}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
