@@ -32,6 +32,7 @@ def test_spec_checks_and_command_reproduces_spec():
   assert [bench.batch_size(one, L) for L in (64, 128)] == [1, 1]
   spec = bench.BenchSpec(mixers=("attention",), d_model=16, lengths=(16, 32),
                          tokens=64, contexts=(8, 16), fit=(16, 32), repeats=1,
+                         decode_steps=3,
                          batch=2)
   argv = shlex.split(bench.command(spec))[1:]
   args = cli.parser().parse_args(argv)
@@ -42,7 +43,7 @@ def test_spec_checks_and_command_reproduces_spec():
 def test_attention_tiny_bench_writes_json_table_plot(tmp_path):
   # one decode context: each one costs two compiles (prefill, 1-token step)
   spec = bench.BenchSpec(mixers=("attention",), d_model=16, lengths=(16, 32),
-                         tokens=64, contexts=(8,), fit=(16, 32), repeats=1,
+                         tokens=64, contexts=(8,), fit=(16, 32), repeats=1, decode_steps=2,
                          out=str(tmp_path))
   report = bench.run(spec, bench.command(spec), log=lambda _: None)
   [m] = report["mixers"]
@@ -79,7 +80,7 @@ def test_targets_mark_claims_kept_and_missed():
 
 def test_rerun_resumes_from_written_report(tmp_path):
   spec = bench.BenchSpec(mixers=("attention", "s4d"), d_model=16, lengths=(16, 32),
-                         tokens=64, contexts=(8,), fit=(16, 32), repeats=1,
+                         tokens=64, contexts=(8,), fit=(16, 32), repeats=1, decode_steps=2,
                          out=str(tmp_path))
   first = bench.run(spec, bench.command(spec), log=lambda _: None)
   logs = []

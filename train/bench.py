@@ -11,7 +11,8 @@ For each mixer (alone, at width d_model, default or given options):
   * temporary memory of the compiled forward+backward program
     (`memory_analysis().temp_size_in_bytes`; works on CPU too);
   * decode time per token after prefilling a cache with `ctx` tokens
-    (chunked prefill, then timed jitted single-token steps).
+    (chunked prefill, then timed jitted single-token steps, the contexts
+    taken in turns).
 
 The growth exponent k of time ~ L^k is fitted per *sequence* (batch time /
 batch size) by least squares in log-log over the `fit` range, next to the
@@ -70,13 +71,16 @@ class BenchSpec:
   batch: int = _opt(0, "sequences per batch at every length instead (0: tokens // L)")
   contexts: tuple[int, ...] = _opt((1024, 4096, 16384), "decode context lengths")
   fit: tuple[int, ...] = _opt((2048, 16384), "lo,hi: length range of the exponent fit")
-  repeats: int = _opt(5, "timed calls per measurement (median)")
+  repeats: int = _opt(5, "timed calls per training measurement (median)")
+  decode_steps: int = _opt(50, "timed decode steps per context (median), taken in turns")
   dtype: str = _opt("float32", "activation dtype (parameters stay fp32)")
   out: str = _opt("runs/bench", "output directory")
 
   def __post_init__(self):
     if len(self.fit) != 2:
       raise ValueError(f"fit must be two lengths lo,hi; got {self.fit}")
+    if self.decode_steps < 1:
+      raise ValueError(f"decode_steps must be >= 1; got {self.decode_steps}")
     if self.batch < 0:
       raise ValueError(f"batch must be >= 0 (0: tokens // length); got {self.batch}")
     if not self.batch and max(self.lengths) > self.tokens:
@@ -165,8 +169,11 @@ def train_costs(module, spec: BenchSpec, L: int) -> dict:
           "temp_bytes": grad_c.memory_analysis().temp_size_in_bytes}
 
 
-def decode_cost(module, spec: BenchSpec, ctx: int) -> dict:
-  """Seconds per single-token decode step with `ctx` tokens in the cache."""
+def decode_costs(module, spec: BenchSpec) -> list[dict]:
+  """Seconds per single-token decode step with each of `spec.contexts`
+  tokens in the cache: the median of `decode_steps` steps per context,
+  taken in turns across the contexts so that drift in the machine's speed
+  falls on all of them alike (a 0.1 ms step is at the mercy of the OS)."""
   graphdef, params = nnx.split(module)
   dtype = jnp.dtype(spec.dtype)
 
@@ -174,19 +181,23 @@ def decode_cost(module, spec: BenchSpec, ctx: int) -> dict:
   def step(params, cache, x):
     return nnx.merge(graphdef, params)(x, cache=cache)
 
-  cache = module.init_cache(1, ctx + spec.repeats + 2, dtype)
-  chunk = min(ctx, PREFILL_CHUNK)
-  piece = _inputs(1, chunk, spec.d_model, dtype)
-  for _ in range(ctx // chunk):  # prefill in chunks: bounded memory per call
-    _, cache = step(params, cache, piece)
   token = _inputs(1, 1, spec.d_model, dtype, seed=1)
-  jax.block_until_ready(step(params, cache, token))  # compile the 1-token step
-  times = []
-  for _ in range(spec.repeats):
-    t = time.perf_counter()
-    _, cache = jax.block_until_ready(step(params, cache, token))
-    times.append(time.perf_counter() - t)
-  return {"context": ctx, "s_per_token": statistics.median(times)}
+  caches = {}
+  for ctx in spec.contexts:
+    cache = module.init_cache(1, ctx + spec.decode_steps + 2, dtype)
+    chunk = min(ctx, PREFILL_CHUNK)
+    piece = _inputs(1, chunk, spec.d_model, dtype)
+    for _ in range(ctx // chunk):  # prefill in chunks: bounded memory per call
+      _, cache = step(params, cache, piece)
+    _, caches[ctx] = jax.block_until_ready(step(params, cache, token))  # compiles
+  times = {ctx: [] for ctx in spec.contexts}
+  for _ in range(spec.decode_steps):
+    for ctx in spec.contexts:
+      t = time.perf_counter()
+      _, caches[ctx] = jax.block_until_ready(step(params, caches[ctx], token))
+      times[ctx].append(time.perf_counter() - t)
+  return [{"context": ctx, "s_per_token": statistics.median(times[ctx])}
+          for ctx in spec.contexts]
 
 
 def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict:
@@ -200,8 +211,7 @@ def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict
     for L in spec.lengths:
       res["train"].append(train_costs(module, spec, L))
       log(f"  {name} L={L}: {res['train'][-1]['fwd_bwd_s'] * 1e3:.2f} ms fwd+bwd")
-    for ctx in spec.contexts:
-      res["decode"].append(decode_cost(module, spec, ctx))
+    res["decode"] = decode_costs(module, spec)
   except Exception as e:  # kept in the report; the other mixers still run
     res["error"] = f"{type(e).__name__}: {e}"
     res["traceback"] = traceback.format_exc()
@@ -217,15 +227,28 @@ def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict
   return res
 
 
+def cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo where there is one."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def environment(spec: BenchSpec, cmd: str) -> dict:
   d = jax.devices()[0]
   return {"device": f"{d.platform} ({d.device_kind}), {jax.device_count()} device(s)",
-          "host": platform.processor() or platform.machine(),
+          "host": f"{cpu_name()}, {os.cpu_count()} cores",
           "jax": jax.__version__, "dtype": spec.dtype, "d_model": spec.d_model,
           "tokens_per_batch": spec.tokens, "batch": spec.batch,
           "lengths": list(spec.lengths),
           "contexts": list(spec.contexts), "fit": list(spec.fit),
-          "repeats": spec.repeats, "command": cmd}
+          "repeats": spec.repeats, "decode_steps": spec.decode_steps,
+          "command": cmd}
 
 
 def _write(report: dict, out: str, plot: bool) -> None:
@@ -335,9 +358,12 @@ def markdown(report: dict) -> str:
   lo, hi = env["fit"]
   lines = [
       "# Mixer benchmark", "",
-      f"- device: {env['device']}; jax {env['jax']}; dtype {env['dtype']}",
-      f"- d_model {env['d_model']}, {batching(env)}; median of "
-      f"{env['repeats']} calls, compile excluded",
+      f"- device: {env['device']}; host {env['host']}; jax {env['jax']}; "
+      f"dtype {env['dtype']}",
+      f"- d_model {env['d_model']}, {batching(env)}; training: median of "
+      f"{env['repeats']} calls, compile excluded; decode: median of "
+      f"{env.get('decode_steps', env['repeats'])} steps per context, "
+      f"contexts taken in turns",
       f"- exponents: least-squares slope of log(per-sequence cost) vs log L "
       f"for {lo} <= L <= {hi}; the claim's slope over that range is 1 (linear), "
       f"{expected_exponent('n log n', lo, hi):.2f} (n log n) or 2 (quadratic)",
