@@ -7,7 +7,10 @@ new scheme overrides only what it needs and mixers never branch on names:
     scores (RoPE rotates; xPos also scales). Keys are transformed before
     they enter a KV cache.
   * `bias(q_pos, k_pos)`: an additive score bias [B, H, Lq, Lk] (ALiBi),
-    or None.
+    or None. Schemes whose bias depends only on the distance q_pos - k_pos
+    define `distance_bias(dist)` instead, for a dist of any layout with
+    heads on axis 1 (size 1 or H): block-sparse mixers pass their gathered
+    blocks' distances, dense attention a [B, 1, Lq, Lk] grid.
 
 Shapes: q/k are [B, L, heads, head_dim]; pos are int32 [B, L] absolute
 positions (within a segment, for packed rows).
@@ -46,6 +49,13 @@ class Position:
     return k
 
   def bias(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array | None:
+    if type(self).distance_bias is Position.distance_bias:
+      return None  # no bias: skip building the distance grid
+    dist = (q_pos[:, :, None] - k_pos[:, None, :])[:, None]  # [B, 1, Lq, Lk]
+    return self.distance_bias(dist.astype(jnp.float32))
+
+  def distance_bias(self, dist: jax.Array) -> jax.Array | None:
+    """Score bias from query-minus-key distances [b, 1|H, ...], or None."""
     return None
 
 
@@ -241,9 +251,9 @@ class ALiBi(Position):
   score of query i for key j gets -m_h * (i - j), a per-head linear
   distance penalty that extrapolates to longer contexts."""
 
-  def bias(self, q_pos, k_pos):
-    dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B,Lq,Lk]
-    return -alibi_slopes(self.num_heads)[None, :, None, None] * dist[:, None]
+  def distance_bias(self, dist):
+    slopes = alibi_slopes(self.num_heads)
+    return -slopes.reshape((1, -1) + (1,) * (dist.ndim - 2)) * dist.astype(jnp.float32)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

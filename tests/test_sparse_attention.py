@@ -69,6 +69,15 @@ def projected(m, x):
   return q, m.position.queries(q, pos), m.position.keys(k, pos), v
 
 
+def position_bias(m, q_pos=None, length=LENGTH):
+  """The scheme's score bias [1, H, L, L] for queries at q_pos (default
+  0..L-1) and keys at 0..L-1: ALiBi's distance penalty; 0 for RoPE."""
+  k_pos = jnp.arange(length)[None]
+  q_pos = k_pos if q_pos is None else q_pos
+  b = m.position.bias(q_pos, k_pos)
+  return 0.0 if b is None else np.asarray(b, np.float64)
+
+
 def finish(m, o):
   return m.proj.o(jnp.asarray(o, jnp.float32))
 
@@ -101,15 +110,15 @@ def check(m, x, oracle, pieces):
   assert rel_err(y_inc, y) <= 1e-5, f"pieces vs full: {rel_err(y_inc, y):.3g}"
 
 
-@pytest.mark.parametrize("window,block_size,pieces", [(7, 3, True),
-                                                     (1, 2, False)])
-def test_sliding_window(window, block_size, pieces):
+@pytest.mark.parametrize("window,block_size,pieces,position", [
+    (7, 3, True, "rope"), (1, 2, False, "rope"), (7, 3, True, "alibi")])
+def test_sliding_window(window, block_size, pieces, position):
   m = build("sliding_window", window=window, block_size=block_size,
-            num_kv_heads=2)
+            num_kv_heads=2, position=position)
   x = inputs()
   _, q, k, v = projected(m, x)
   t, s = grid()
-  o, _ = dense(q, k, v, (s <= t) & (t - s < window))
+  o, _ = dense(q, k, v, (s <= t) & (t - s < window), bias=position_bias(m))
   check(m, x, finish(m, o), pieces)
 
 
@@ -122,19 +131,22 @@ def test_sliding_window_packed():
   assert rel_err(y, ref) <= 1e-5
 
 
-def test_attention_sinks():
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_attention_sinks(position):
   window, sinks = 4, 3
-  m = build("attention_sinks", window=window, sinks=sinks, block_size=3)
+  m = build("attention_sinks", window=window, sinks=sinks, block_size=3,
+            position=position)
   x = inputs()
   q_raw, q, k, v = projected(m, x)
   t, s = grid()
   # StreamingLLM cache positions: a sink outside the window is seen from
   # the query's slot in the cache, min(t, sinks + window - 1).
-  q_sink = m.position.queries(
-      q_raw, jnp.minimum(positions_for(x), sinks + window - 1))
-  win = dense(q, k, v, (s <= t) & (t - s < window))
-  sink = dense(q_sink, k, v, (s < sinks) & (t - s >= window))
-  check(m, x, finish(m, union([win, sink])), pieces=False)
+  cache_pos = jnp.minimum(positions_for(x), sinks + window - 1)
+  q_sink = m.position.queries(q_raw, cache_pos)
+  win = dense(q, k, v, (s <= t) & (t - s < window), bias=position_bias(m))
+  sink = dense(q_sink, k, v, (s < sinks) & (t - s >= window),
+               bias=position_bias(m, cache_pos[:1]))
+  check(m, x, finish(m, union([win, sink])), pieces=position == "alibi")
 
 
 def strided_mask(pattern, l, c, length=LENGTH):
@@ -144,21 +156,25 @@ def strided_mask(pattern, l, c, length=LENGTH):
   return (s <= t) & ((s // l == t // l) | ((s % l >= l - c) & (s // l < t // l)))
 
 
-@pytest.mark.parametrize("pattern,stride,summary,pieces", [
-    ("strided", 3, 1, True), ("fixed", 4, 2, False), ("strided", 1, 1, False)])
-def test_strided(pattern, stride, summary, pieces):
+@pytest.mark.parametrize("pattern,stride,summary,pieces,position", [
+    ("strided", 3, 1, True, "rope"), ("fixed", 4, 2, False, "rope"),
+    ("strided", 1, 1, False, "rope"), ("strided", 3, 1, True, "alibi"),
+    ("fixed", 4, 2, False, "alibi")])
+def test_strided(pattern, stride, summary, pieces, position):
   m = build("strided", pattern=pattern, stride=stride, summary=summary,
-            num_kv_heads=2)
+            num_kv_heads=2, position=position)
   x = inputs()
   _, q, k, v = projected(m, x)
-  o, _ = dense(q, k, v, strided_mask(pattern, stride, summary))
+  o, _ = dense(q, k, v, strided_mask(pattern, stride, summary),
+               bias=position_bias(m))
   check(m, x, finish(m, o), pieces)
 
 
-def test_bigbird():
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_bigbird(position):
   b, w, g, r = 3, 1, 1, 2
   m = build("bigbird", block_size=b, window=w, global_blocks=g,
-            random_blocks=r)
+            random_blocks=r, position=position)
   x = inputs()
   _, q, k, v = projected(m, x)
   nb = -(-LENGTH // b)
@@ -171,8 +187,8 @@ def test_bigbird():
     allowed[i, rand[i][rand[i] >= 0]] = True
   assert (rand >= 0).sum() > 0, "no random block was exercised"
   t, s = grid()
-  o, _ = dense(q, k, v, (s <= t) & allowed[t // b, s // b])
-  check(m, x, finish(m, o), pieces=False)
+  o, _ = dense(q, k, v, (s <= t) & allowed[t // b, s // b], bias=position_bias(m))
+  check(m, x, finish(m, o), pieces=position == "alibi")  # the step's bias path
 
 
 def test_random_blocks_are_distinct_in_range_and_seeded():
@@ -189,10 +205,12 @@ def test_random_blocks_are_distinct_in_range_and_seeded():
   assert (a != b).any(), "the seed does not change the pattern"
 
 
-def test_dilated():
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_dilated(position):
   branches = ((4, 1), (6, 2), (12, 3))
   m = build("dilated", segment_lengths=tuple(w for w, _ in branches),
-            dilation_rates=tuple(r for _, r in branches), num_kv_heads=2)
+            dilation_rates=tuple(r for _, r in branches), num_kv_heads=2,
+            position=position)
   x = inputs()
   _, q, k, v = projected(m, x)
   t, s = grid()
@@ -200,8 +218,9 @@ def test_dilated():
   for w, r in branches:
     shift = (np.arange(m.num_heads) % r)[:, None, None]
     kept = lambda p: (p % w) % r == shift
-    parts.append(dense(q, k, v, (s <= t) & (s // w == t // w) & kept(t) & kept(s)))
-  check(m, x, finish(m, union(parts)), pieces=False)
+    parts.append(dense(q, k, v, (s <= t) & (s // w == t // w) & kept(t) & kept(s),
+                       bias=position_bias(m)))
+  check(m, x, finish(m, union(parts)), pieces=position == "alibi")
 
 
 def test_lsh():
@@ -282,7 +301,7 @@ def test_kernel_empty_rows_are_zero_with_finite_grads():
     ("sliding_window", {"window": 0}, "window"),
     ("sliding_window", {"block_size": 0}, "block_size"),
     ("sliding_window", {"kernel": "splash"}, "kernel"),
-    ("sliding_window", {"position": "alibi"}, "score bias"),
+    ("lsh", {"position": "alibi"}, "score bias"),
     ("attention_sinks", {"sinks": 0}, "sinks"),
     ("strided", {"pattern": "diagonal"}, "pattern"),
     ("strided", {"stride": 2, "summary": 3}, "summary"),

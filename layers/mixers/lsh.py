@@ -73,6 +73,9 @@ class LSHAttention(BlockSparseMixer):
   info = MixerInfo(family="attention", paper="Kitaev et al. 2020, "
                    "arXiv:2001.04451", train_cost="n log n",
                    decode_state="bounded", supports_segments=False)
+  # Blocks hold tokens sorted by hash and heads are (round, head) pairs, so
+  # a distance bias per head has no place here; schemes that rotate q/k do.
+  distance_bias_ok = False
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, n_buckets: int = 2, chunk: int = 4,

@@ -84,8 +84,16 @@ def one_block(qb):
 
 
 class BlockSparseMixer(Mixer):
-  """Kernel choice and a q/k position scheme, shared by every mixer built on
-  `layers.kernels.block_sparse`."""
+  """Kernel choice and a position scheme, shared by every mixer built on
+  `layers.kernels.block_sparse`.
+
+  A scheme's q/k transforms are applied by the mixers; a distance bias
+  (ALiBi) is added inside the gathered blocks from the "pos" metadata
+  (true token positions; a part that sees keys from another position, as
+  the StreamingLLM sinks do, gives the query's as "bias_pos")."""
+
+  # False where "pos" metadata is not the token position (LSH sorts by hash).
+  distance_bias_ok: bool = True
 
   def __init__(self, *, num_heads: int, head_dim: int, position: str | dict,
                kernel: str):
@@ -96,11 +104,12 @@ class BlockSparseMixer(Mixer):
     self.kernel = kernel
     self.position = build_position(position, head_dim, num_heads)
     probe = jnp.zeros((1, 1), jnp.int32)
-    if self.position.bias(probe, probe) is not None:
+    self.has_bias = self.position.bias(probe, probe) is not None
+    if self.has_bias and not self.distance_bias_ok:
       raise ValueError(
-          f"{self.name}: position scheme {position!r} adds a score bias; the "
-          "sparse mixers support schemes that transform q/k only ('rope', "
-          "'none')")
+          f"{self.name}: position scheme {position!r} adds a score bias, "
+          "which this mixer does not support; use a scheme that transforms "
+          "q/k only ('rope', 'none', ...)")
 
   @property
   def name(self) -> str:
@@ -124,7 +133,12 @@ class BlockSparseMixer(Mixer):
 
   def attend(self, q, k, v, **pattern):
     impl = BLOCK_SPARSE.choose(self.kernel, dtype=q.dtype, head_dim=self.head_dim)
+    if self.has_bias:
+      pattern["bias_fn"] = self._distance_bias
     return impl.fn(q, k, v, **pattern)
+
+  def _distance_bias(self, qm, km):
+    return self.position.distance_bias(qm.get("bias_pos", qm["pos"]) - km["pos"])
 
 
 @nnx.jit
@@ -231,11 +245,12 @@ class SlidingWindow(SparseAttention):
     """Sinks the window no longer covers, seen as StreamingLLM sees them:
     from the query's position in the cache, min(t, sinks + window - 1),
     while sink keys keep their own positions 0..sinks-1."""
-    q = self.position.queries(q_raw, jnp.minimum(q_pos, self.sinks + self.window - 1))
+    q_cache_pos = jnp.minimum(q_pos, self.sinks + self.window - 1)
+    q = self.position.queries(q_raw, q_cache_pos)
     return self.attend(
         q, sink_k, sink_v, table_fn=one_block,
         mask_fn=lambda qm, km: qm["pos"] - km["pos"] >= self.window,
-        q_meta={"pos": pos_meta(q_pos)},
+        q_meta={"pos": pos_meta(q_pos), "bias_pos": pos_meta(q_cache_pos)},
         k_meta={"pos": pos_meta(jnp.arange(sink_k.shape[1]))},
         block_q=self.block, block_k=self.sinks)
 
