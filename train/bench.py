@@ -152,20 +152,23 @@ def batch_size(spec: BenchSpec, L: int) -> int:
 def train_costs(module, spec: BenchSpec, L: int) -> dict:
   """Forward and forward+backward seconds per batch, and the temp bytes of
   the compiled forward+backward, at length L."""
-  graphdef, params = nnx.split(module)
+  # Gradients for the parameters and the input, as in training; fixed
+  # buffers (random features, hash rotations, pattern keys) get none.
+  graphdef, params, fixed = nnx.split(module, nnx.Param, ...)
   x = _inputs(batch_size(spec, L), L, spec.d_model, jnp.dtype(spec.dtype))
 
-  def fwd(params, x):
-    return nnx.merge(graphdef, params)(x)
+  def fwd(params, x, fixed):
+    return nnx.merge(graphdef, params, fixed)(x)
 
-  def loss(params, x):
-    return fwd(params, x).astype(jnp.float32).sum()
+  def loss(params, x, fixed):
+    return fwd(params, x, fixed).astype(jnp.float32).sum()
 
-  fwd_c = jax.jit(fwd).lower(params, x).compile()
-  grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  args = (params, x, fixed)
+  fwd_c = jax.jit(fwd).lower(*args).compile()
+  grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
   return {"length": L, "batch": x.shape[0],
-          "fwd_s": median_time(fwd_c, params, x, repeats=spec.repeats),
-          "fwd_bwd_s": median_time(grad_c, params, x, repeats=spec.repeats),
+          "fwd_s": median_time(fwd_c, *args, repeats=spec.repeats),
+          "fwd_bwd_s": median_time(grad_c, *args, repeats=spec.repeats),
           "temp_bytes": grad_c.memory_analysis().temp_size_in_bytes}
 
 
