@@ -2,7 +2,8 @@
 
 For each mixer (alone, at width d_model, default or given options):
   * forward and forward+backward time per length L, jitted, compile
-    excluded, the median of `repeats` calls, at a fixed number of tokens
+    excluded, the median of `repeats` calls (lengths timed in turns), at a
+    fixed number of tokens
     per batch (batch = tokens // L, the training regime) or at a fixed
     `batch` (batch 1: the cost of one sequence, what a complexity claim is
     about; costs shared by a batch, such as an SSM's convolution kernel,
@@ -54,6 +55,9 @@ from layers.params import count_params
 
 
 PREFILL_CHUNK = 1024  # tokens per prefill call: bounds the memory of long prefills
+# Bumped when what is measured changes, so that a resumed run never mixes
+# figures taken two ways (it is part of the environment a resume compares).
+METHOD = 2
 
 
 def _opt(default, help: str):
@@ -149,13 +153,17 @@ def batch_size(spec: BenchSpec, L: int) -> int:
   return spec.batch or spec.tokens // L
 
 
-def train_costs(module, spec: BenchSpec, L: int) -> dict:
-  """Forward and forward+backward seconds per batch, and the temp bytes of
-  the compiled forward+backward, at length L."""
+def train_costs(module, spec: BenchSpec) -> list[dict]:
+  """Per length: forward and forward+backward seconds per batch (medians of
+  `repeats` calls) and the temp bytes of the compiled forward+backward.
+
+  Every length is compiled and warmed up first, then the calls are timed in
+  turns across lengths, so drift in the machine's speed (a shared 2-core VM
+  moved single-mixer timings by 2x between runs) falls on every length
+  alike instead of bending the fitted exponent."""
   # Gradients for the parameters and the input, as in training; fixed
   # buffers (random features, hash rotations, pattern keys) get none.
   graphdef, params, fixed = nnx.split(module, nnx.Param, ...)
-  x = _inputs(batch_size(spec, L), L, spec.d_model, jnp.dtype(spec.dtype))
 
   def fwd(params, x, fixed):
     return nnx.merge(graphdef, params, fixed)(x)
@@ -163,13 +171,27 @@ def train_costs(module, spec: BenchSpec, L: int) -> dict:
   def loss(params, x, fixed):
     return fwd(params, x, fixed).astype(jnp.float32).sum()
 
-  args = (params, x, fixed)
-  fwd_c = jax.jit(fwd).lower(*args).compile()
-  grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
-  return {"length": L, "batch": x.shape[0],
-          "fwd_s": median_time(fwd_c, *args, repeats=spec.repeats),
-          "fwd_bwd_s": median_time(grad_c, *args, repeats=spec.repeats),
-          "temp_bytes": grad_c.memory_analysis().temp_size_in_bytes}
+  programs, temp = {}, {}
+  for L in spec.lengths:
+    args = (params, _inputs(batch_size(spec, L), L, spec.d_model,
+                            jnp.dtype(spec.dtype)), fixed)
+    grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    temp[L] = grad_c.memory_analysis().temp_size_in_bytes
+    programs[L] = {"fwd_s": jax.jit(fwd).lower(*args).compile(),
+                   "fwd_bwd_s": grad_c}, args
+    for fn in programs[L][0].values():
+      jax.block_until_ready(fn(*args))  # warm-up
+  times = {(L, k): [] for L in spec.lengths for k in ("fwd_s", "fwd_bwd_s")}
+  for _ in range(spec.repeats):
+    for L, (fns, args) in programs.items():
+      for k, fn in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[L, k].append(time.perf_counter() - t)
+  return [{"length": L, "batch": batch_size(spec, L),
+           "fwd_s": statistics.median(times[L, "fwd_s"]),
+           "fwd_bwd_s": statistics.median(times[L, "fwd_bwd_s"]),
+           "temp_bytes": temp[L]} for L in spec.lengths]
 
 
 def decode_costs(module, spec: BenchSpec) -> list[dict]:
@@ -211,9 +233,9 @@ def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict
          "params": count_params(module),
          "train": [], "decode": []}
   try:
-    for L in spec.lengths:
-      res["train"].append(train_costs(module, spec, L))
-      log(f"  {name} L={L}: {res['train'][-1]['fwd_bwd_s'] * 1e3:.2f} ms fwd+bwd")
+    res["train"] = train_costs(module, spec)
+    log("  fwd+bwd ms: " + ", ".join(f"L={t['length']}: {t['fwd_bwd_s'] * 1e3:.2f}"
+                                     for t in res["train"]))
     res["decode"] = decode_costs(module, spec)
   except Exception as e:  # kept in the report; the other mixers still run
     res["error"] = f"{type(e).__name__}: {e}"
@@ -251,7 +273,7 @@ def environment(spec: BenchSpec, cmd: str) -> dict:
           "lengths": list(spec.lengths),
           "contexts": list(spec.contexts), "fit": list(spec.fit),
           "repeats": spec.repeats, "decode_steps": spec.decode_steps,
-          "command": cmd}
+          "method": METHOD, "command": cmd}
 
 
 def _write(report: dict, out: str, plot: bool) -> None:
@@ -364,9 +386,9 @@ def markdown(report: dict) -> str:
       f"- device: {env['device']}; host {env['host']}; jax {env['jax']}; "
       f"dtype {env['dtype']}",
       f"- d_model {env['d_model']}, {batching(env)}; training: median of "
-      f"{env['repeats']} calls, compile excluded; decode: median of "
-      f"{env.get('decode_steps', env['repeats'])} steps per context, "
-      f"contexts taken in turns",
+      f"{env['repeats']} calls per length, compile excluded; decode: median "
+      f"of {env.get('decode_steps', env['repeats'])} steps per context; "
+      f"lengths and contexts are timed in turns",
       f"- exponents: least-squares slope of log(per-sequence cost) vs log L "
       f"for {lo} <= L <= {hi}; the claim's slope over that range is 1 (linear), "
       f"{expected_exponent('n log n', lo, hi):.2f} (n log n) or 2 (quadratic)",
