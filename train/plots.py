@@ -123,19 +123,21 @@ def sweep_plots(rows: Sequence[dict], out: str) -> list[str]:
 def bench_plot(report: dict, path: str) -> str:
   """Log-log: forward+backward time and temp memory per sequence vs length,
   decode time per token vs context; one line per mixer."""
-  fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(17, 5))
-  for m in report["mixers"]:
+  fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(19, 5.5))
+  colors = matplotlib.colormaps["tab20"].colors
+  for i, m in enumerate(report["mixers"]):
+    # 20 colours x 3 line styles: each of up to 60 mixers has its own line
+    style = dict(color=colors[i % 20], ls=("-", "--", ":")[i // 20 % 3],
+                 marker="o", ms=3, label=m["mixer"])
     tr = m["train"]
     if tr:
       Ls = [t["length"] for t in tr]
-      ax_t.plot(Ls, [t["fwd_bwd_s"] / t["batch"] * 1e3 for t in tr], "-o", ms=3,
-                label=m["mixer"])
+      ax_t.plot(Ls, [t["fwd_bwd_s"] / t["batch"] * 1e3 for t in tr], **style)
       ax_m.plot(Ls, [max(t["temp_bytes"], 1) / t["batch"] / 2**20 for t in tr],
-                "-o", ms=3, label=m["mixer"])
+                **style)
     if m["decode"]:
       ax_d.plot([d["context"] for d in m["decode"]],
-                [d["s_per_token"] * 1e3 for d in m["decode"]], "-o", ms=3,
-                label=m["mixer"])
+                [d["s_per_token"] * 1e3 for d in m["decode"]], **style)
   env = report["environment"]
   for ax, ylabel, title in (
       (ax_t, "ms per sequence", "forward+backward time"),
@@ -146,11 +148,12 @@ def bench_plot(report: dict, path: str) -> str:
     ticks = env["contexts"] if ax is ax_d else env["lengths"]
     ax.set_xticks(ticks, [str(t) for t in ticks])  # the measured sizes, not 10^k
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-  ax_d.legend(fontsize=7, ncol=2)
+  handles, labels = ax_t.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
   from train.bench import batching
   fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
                f"{batching(env)}", fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 0.9, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
