@@ -61,12 +61,19 @@ def test_attention_tiny_bench_writes_json_table_plot(tmp_path):
   assert os.path.getsize(tmp_path / "bench.png") > 10_000
 
 
+def test_medians_in_turns_alternates_calls():
+  order = []
+  t = bench.medians_in_turns({"a": lambda: order.append("a"),
+                              "b": lambda: order.append("b")}, rounds=3)
+  assert order == ["a", "b"] * 3 and set(t) == {"a", "b"}
+
+
 def test_targets_mark_claims_kept_and_missed():
   fit = (2048, 16384)
   assert bench.expected_exponent("n log n", *fit) == pytest.approx(1.116, abs=1e-3)
   base = {"train_cost": "linear", "decode_state": "constant",
           "time_exponent": 1.05, "memory_exponent": 1.0, "decode_ratio": 1.1}
-  assert bench.targets(base, fit) | {} == {
+  assert bench.targets(base, fit) == {
       "expected": 1.0, "exp_limit": 1.2, "decode_limit": 1.2,
       "time_ok": True, "memory_ok": True, "decode_ok": True}
   slow = base | {"time_exponent": 1.9, "decode_ratio": 3.0}

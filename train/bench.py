@@ -35,6 +35,7 @@ They are rewritten after every mixer; rerunning the same command resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -119,13 +120,23 @@ def command(spec: BenchSpec, config_args: Sequence[str] = ()) -> str:
 
 def median_time(fn: Callable, *args, repeats: int) -> float:
   """Median wall seconds of `fn(*args)` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  call = functools.partial(_blocking, fn, *args)
+  call()
+  return medians_in_turns({0: call}, repeats)[0]
+
+
+def medians_in_turns(calls: dict, rounds: int) -> dict:
+  """Median wall seconds of each blocking zero-argument call, the calls
+  taken in turns `rounds` times: drift in the machine's speed (a shared
+  2-core VM moved single-mixer timings by 2x between runs) then falls on
+  every call alike instead of bending a ratio between them."""
+  times = {key: [] for key in calls}
+  for _ in range(rounds):
+    for key, call in calls.items():
+      t = time.perf_counter()
+      call()
+      times[key].append(time.perf_counter() - t)
+  return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def fit_exponent(lengths: Sequence[float], values: Sequence[float],
@@ -149,6 +160,10 @@ def _inputs(batch, length, d_model, dtype, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch, length, d_model), dtype)
 
 
+def _blocking(fn, *args):
+  return jax.block_until_ready(fn(*args))
+
+
 def batch_size(spec: BenchSpec, L: int) -> int:
   return spec.batch or spec.tokens // L
 
@@ -158,9 +173,7 @@ def train_costs(module, spec: BenchSpec) -> list[dict]:
   `repeats` calls) and the temp bytes of the compiled forward+backward.
 
   Every length is compiled and warmed up first, then the calls are timed in
-  turns across lengths, so drift in the machine's speed (a shared 2-core VM
-  moved single-mixer timings by 2x between runs) falls on every length
-  alike instead of bending the fitted exponent."""
+  turns across lengths (`medians_in_turns`)."""
   # Gradients for the parameters and the input, as in training; fixed
   # buffers (random features, hash rotations, pattern keys) get none.
   graphdef, params, fixed = nnx.split(module, nnx.Param, ...)
@@ -171,34 +184,26 @@ def train_costs(module, spec: BenchSpec) -> list[dict]:
   def loss(params, x, fixed):
     return fwd(params, x, fixed).astype(jnp.float32).sum()
 
-  programs, temp = {}, {}
+  calls, temp = {}, {}
   for L in spec.lengths:
     args = (params, _inputs(batch_size(spec, L), L, spec.d_model,
                             jnp.dtype(spec.dtype)), fixed)
     grad_c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
     temp[L] = grad_c.memory_analysis().temp_size_in_bytes
-    programs[L] = {"fwd_s": jax.jit(fwd).lower(*args).compile(),
-                   "fwd_bwd_s": grad_c}, args
-    for fn in programs[L][0].values():
-      jax.block_until_ready(fn(*args))  # warm-up
-  times = {(L, k): [] for L in spec.lengths for k in ("fwd_s", "fwd_bwd_s")}
-  for _ in range(spec.repeats):
-    for L, (fns, args) in programs.items():
-      for k, fn in fns.items():
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[L, k].append(time.perf_counter() - t)
-  return [{"length": L, "batch": batch_size(spec, L),
-           "fwd_s": statistics.median(times[L, "fwd_s"]),
-           "fwd_bwd_s": statistics.median(times[L, "fwd_bwd_s"]),
-           "temp_bytes": temp[L]} for L in spec.lengths]
+    for k, fn in (("fwd_s", jax.jit(fwd).lower(*args).compile()),
+                  ("fwd_bwd_s", grad_c)):
+      calls[L, k] = functools.partial(_blocking, fn, *args)
+      calls[L, k]()  # warm-up
+  t = medians_in_turns(calls, spec.repeats)
+  return [{"length": L, "batch": batch_size(spec, L), "fwd_s": t[L, "fwd_s"],
+           "fwd_bwd_s": t[L, "fwd_bwd_s"], "temp_bytes": temp[L]}
+          for L in spec.lengths]
 
 
 def decode_costs(module, spec: BenchSpec) -> list[dict]:
   """Seconds per single-token decode step with each of `spec.contexts`
   tokens in the cache: the median of `decode_steps` steps per context,
-  taken in turns across the contexts so that drift in the machine's speed
-  falls on all of them alike (a 0.1 ms step is at the mercy of the OS)."""
+  taken in turns across the contexts (`medians_in_turns`)."""
   graphdef, params = nnx.split(module)
   dtype = jnp.dtype(spec.dtype)
 
@@ -215,14 +220,12 @@ def decode_costs(module, spec: BenchSpec) -> list[dict]:
     for _ in range(ctx // chunk):  # prefill in chunks: bounded memory per call
       _, cache = step(params, cache, piece)
     _, caches[ctx] = jax.block_until_ready(step(params, cache, token))  # compiles
-  times = {ctx: [] for ctx in spec.contexts}
-  for _ in range(spec.decode_steps):
-    for ctx in spec.contexts:
-      t = time.perf_counter()
-      _, caches[ctx] = jax.block_until_ready(step(params, caches[ctx], token))
-      times[ctx].append(time.perf_counter() - t)
-  return [{"context": ctx, "s_per_token": statistics.median(times[ctx])}
-          for ctx in spec.contexts]
+  def advance(ctx):  # one decode step on that context's cache
+    _, caches[ctx] = jax.block_until_ready(step(params, caches[ctx], token))
+
+  t = medians_in_turns({ctx: functools.partial(advance, ctx)
+                        for ctx in spec.contexts}, spec.decode_steps)
+  return [{"context": ctx, "s_per_token": t[ctx]} for ctx in spec.contexts]
 
 
 def bench_mixer(mixer_spec, spec: BenchSpec, log: Callable[[str], None]) -> dict:
@@ -327,10 +330,6 @@ def run(spec: BenchSpec, cmd: str, log: Callable[[str], None] = print) -> dict:
 
 
 # -- report --------------------------------------------------------------------
-
-def _fmt(v, fmt):
-  return "" if v is None else fmt.format(v)
-
 
 SLACK = 0.2  # allowed excess of a measured exponent (or decode ratio) over the claim
 

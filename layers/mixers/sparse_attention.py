@@ -105,11 +105,13 @@ class BlockSparseMixer(Mixer):
     self.position = build_position(position, head_dim, num_heads)
     probe = jnp.zeros((1, 1), jnp.int32)
     self.has_bias = self.position.bias(probe, probe) is not None
-    if self.has_bias and not self.distance_bias_ok:
+    by_distance = self.position.distance_bias(jnp.zeros((1, 1, 1))) is not None
+    if self.has_bias and not (by_distance and self.distance_bias_ok):
       raise ValueError(
-          f"{self.name}: position scheme {position!r} adds a score bias, "
-          "which this mixer does not support; use a scheme that transforms "
-          "q/k only ('rope', 'none', ...)")
+          f"{self.name}: position scheme {position!r} adds a score bias "
+          "that this mixer cannot apply (only distance biases such as "
+          "'alibi', and not in lsh); use one that transforms q/k only "
+          "('rope', 'none', ...)")
 
   @property
   def name(self) -> str:
