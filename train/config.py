@@ -65,8 +65,10 @@ class TrainConfig:
 class MeshConfig:
   data: int = -1              # -1: all devices not used by other axes
   fsdp: int = 1
+  expert: int = 1             # expert parallelism: MoE experts split over it
   # logical axis name -> mesh axis; unnamed axes are replicated
-  rules: dict = dataclasses.field(default_factory=lambda: {"embed": "fsdp"})
+  rules: dict = dataclasses.field(
+      default_factory=lambda: {"embed": "fsdp", "experts": "expert"})
 
 
 @dataclasses.dataclass(frozen=True)

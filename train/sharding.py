@@ -1,13 +1,16 @@
 """Device mesh and sharding rules.
 
-The trainer always runs on a `Mesh` with axes ("data", "fsdp"), one device
-or many. Parameters carry logical axis names (layers/params.py); `RULES` map
-a logical name to a mesh axis, so sharding a model is a table, not a model
-rewrite. The default shards every "embed" dimension over "fsdp" (ZeRO-3
-style: XLA all-gathers a weight where it is used) and replicates the rest.
-A dimension the mesh axis does not divide, or a mesh axis already used by an
-earlier dimension of the same array, stays replicated. Batches are split
-over both axes.
+The trainer always runs on a `Mesh` with axes ("data", "fsdp", "expert"),
+one device or many. Parameters carry logical axis names (layers/params.py);
+`RULES` map a logical name to a mesh axis, so sharding a model is a table,
+not a model rewrite. The default shards every "embed" dimension over "fsdp"
+(ZeRO-3 style: XLA all-gathers a weight where it is used), the "experts"
+dimension of mixture-of-experts weights over "expert" (expert parallelism:
+each device holds E / expert of the experts, and capacity dispatch sends
+tokens to them with all_to_all, layers/channel/dispatch.py), and replicates
+the rest. A dimension the mesh axis does not divide, or a mesh axis already
+used by an earlier dimension of the same array, stays replicated. Batches
+are split over every axis.
 
 Optimizer moments are `nnx.Param`s with the same metadata as the parameters
 they track (optax maps over the Variables), so one rule covers the whole
@@ -23,28 +26,58 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from arches.lm import LMConfig
+from layers import channel
+from layers.channel.dispatch import EXPERT_AXIS
 from layers.params import AXES as LOGICAL_AXES
 from train.config import MeshConfig
 
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", EXPERT_AXIS)
 BATCH_AXES = AXES  # the batch dimension is split over every mesh axis
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp") mesh over `devices` (default: all). data=-1 takes
-  every device the fsdp axis leaves over."""
+  """A ("data", "fsdp", "expert") mesh over `devices` (default: all).
+  data=-1 takes every device the fsdp and expert axes leave over."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if cfg.fsdp < 1 or n % cfg.fsdp:
-    raise ValueError(f"MeshConfig.fsdp={cfg.fsdp} must be >= 1 and divide the "
-                     f"{n} available devices")
-  data = n // cfg.fsdp if cfg.data == -1 else cfg.data
-  if data < 1 or data * cfg.fsdp > n:
-    raise ValueError(f"MeshConfig data={cfg.data} x fsdp={cfg.fsdp} needs "
-                     f"{data * cfg.fsdp} devices; {n} are available (data=-1 "
-                     f"uses all that fsdp leaves)")
-  grid = np.asarray(devices[:data * cfg.fsdp], dtype=object).reshape(data, cfg.fsdp)
+  for name in ("fsdp", "expert"):
+    size = getattr(cfg, name)
+    if size < 1 or n % size:
+      raise ValueError(f"MeshConfig.{name}={size} must be >= 1 and divide the "
+                       f"{n} available devices")
+  model = cfg.fsdp * cfg.expert
+  data = n // model if cfg.data == -1 else cfg.data
+  if data < 1 or data * model > n:
+    raise ValueError(f"MeshConfig data={cfg.data} x fsdp={cfg.fsdp} x expert="
+                     f"{cfg.expert} needs {data * model} devices; {n} are "
+                     f"available (data=-1 uses all that fsdp and expert leave)")
+  grid = np.asarray(devices[:data * model], dtype=object).reshape(
+      data, cfg.fsdp, cfg.expert)
   return Mesh(grid, AXES)
+
+
+def check_expert_parallel(model: LMConfig, expert: int) -> None:
+  """An expert axis of size `expert` > 1 must divide every MoE layer's
+  number of experts, and those layers must use capacity dispatch (the path
+  that runs on an expert axis; dropless would need
+  jax.lax.ragged_all_to_all, which does not run on CPU)."""
+  if expert == 1:
+    return
+  for i, spec in enumerate(model.channel_specs()):
+    if spec is None or spec[0] != "moe":
+      continue
+    opts = {k: o.default for k, o in channel.REGISTRY.options("moe").items()}
+    opts.update(spec[1])
+    if opts["num_experts"] % expert:
+      raise ValueError(f"MeshConfig.expert={expert} does not divide the "
+                       f"num_experts={opts['num_experts']} of the moe layer {i}; "
+                       f"the expert axis must divide every MoE layer's number "
+                       f"of experts")
+    if opts["dispatch"] != "capacity":
+      raise ValueError(f"MeshConfig.expert={expert} needs dispatch='capacity' "
+                       f"in the moe layer {i} (it has {opts['dispatch']!r}): "
+                       f"expert parallelism sends capacity buffers with all_to_all")
 
 
 def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
