@@ -153,4 +153,4 @@ def dropped_fraction(r: Routing, capacity: int | None) -> jax.Array:
   """Fraction of the assignments over capacity (0 without one)."""
   if capacity is None:
     return jnp.zeros((), F32)
-  return 1.0 - jnp.mean((r.slot < capacity).astype(F32))
+  return jnp.mean((r.slot >= capacity).astype(F32))

@@ -17,6 +17,7 @@ from layers.channel import dispatch as dispatch_lib
 from layers.channel import routers
 from layers.channel.experts import EXPERT_KINDS, GROUPED, Experts
 from layers.params import Dense
+from layers.registry import options_of
 
 F32 = jnp.float32
 
@@ -117,13 +118,17 @@ class MoE(ChannelMixer):
                               rngs=rngs) if shared_gate else None)
 
   @classmethod
-  def info_for(cls, router: str = "softmax_topk", **options) -> ChannelInfo:
-    del options
-    return ChannelInfo(causal=router != "expert_choice")
+  def info_for(cls, **options) -> ChannelInfo:
+    """Checks the options' values (so a config fails when it is loaded) and
+    says whether the layer is causal."""
+    full = {k: o.default for k, o in options_of(cls, ("d_model",)).items()}
+    full.update(options)
+    check_options(**full)
+    return ChannelInfo(causal=full["router"] != "expert_choice")
 
   @property
   def info(self) -> ChannelInfo:
-    return self.info_for(router=self.router)
+    return ChannelInfo(causal=self.router != "expert_choice")
 
   # -- routing -----------------------------------------------------------------
 
@@ -219,8 +224,9 @@ def _int_at_least(name: str, value, lo: int) -> None:
 
 
 def check_options(*, num_experts, top_k, router, dispatch, capacity_factor,
-                  expert, kernel, tile, shared_hidden, shared_gate) -> None:
-  """One clear error per bad option, before anything is built."""
+                  expert, kernel, tile, shared_hidden, shared_gate, **_) -> None:
+  """One clear error per bad option, before anything is built (the others
+  need no check beyond their type, which the registry checks)."""
   _int_at_least("num_experts", num_experts, 1)
   _int_at_least("top_k", top_k, 1)
   _int_at_least("tile", tile, 1)
