@@ -5,20 +5,16 @@ losses of one device, with the expert weights really split; and the mesh
 errors that must come before anything runs."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from fresh_process import result, start_on_cpu_devices
 from trainer_fixtures import ToyIter, cache_env, compile_cache, tiny_config  # noqa: F401
 from train.config import MeshConfig
 from train.sharding import check_expert_parallel, shard_batch
 from train.state import build
 from train.step import make_train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = {"name": "moe", "num_experts": 4, "hidden": 16, "dispatch": "capacity",
        "capacity_factor": 1.0, "router": "sigmoid_bias", "bias_update_rate": 0.01}
 
@@ -66,16 +62,9 @@ print("RESULT " + json.dumps(out))
 
 
 def test_expert_parallel_meshes_match_one_device(compile_cache):
-  env = cache_env(compile_cache)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + env.get("XLA_FLAGS", "")
-  env["PYTHONPATH"] = ROOT
-  proc = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = start_on_cpu_devices(CHILD, 8, cache_env(compile_cache))
   one = _losses_and_experts(MeshConfig())  # meanwhile, here
-  output = proc.communicate(timeout=900)[0]
-  lines = [l for l in output.splitlines() if l.startswith("RESULT ")]
-  assert lines, output
-  res = json.loads(lines[0][len("RESULT "):])
+  res = result(proc, timeout=900)
   assert one["shard"] == [4, 32, 16] and one["dropped"] > 0  # capacity does drop
   assert not one["all_to_all"]
   # Experts split 4 ways (one per device of the expert axis), and under
