@@ -65,7 +65,7 @@ def _expert(m: MoE, e: int, x):
 
 def choices(m: MoE, router: str, x_D):
   """{expert: gate} for one token, from the router's paper."""
-  z = x_D @ np.asarray(m.gate.kernel[...], np.float64)
+  z = x_D @ np.asarray(m.router_proj.kernel[...], np.float64)
   k = m.top_k
   if router == "softmax_topk":  # Switch eq. 1-2 / GShard: top-k of softmax
     p = _softmax(z)
@@ -99,7 +99,7 @@ def expert_choice_ref(m: MoE, x_BxLxD, capacity):
   x = np.asarray(x_BxLxD, np.float64)
   y = np.zeros_like(x)
   for b in range(x.shape[0]):
-    S = _softmax(x[b] @ np.asarray(m.gate.kernel[...], np.float64))
+    S = _softmax(x[b] @ np.asarray(m.router_proj.kernel[...], np.float64))
     for e in range(S.shape[1]):
       for t in np.argsort(-S[:, e], kind="stable")[:capacity]:
         y[b, t] += S[t, e] * _expert(m, e, x[b, t])
@@ -142,7 +142,7 @@ def test_expert_choice_matches_paper_and_is_declared_non_causal():
   dense = build(router="expert_choice", dispatch="dense", capacity_factor=0.75)
   np.testing.assert_allclose(np.asarray(run(dense, x)[0]), np.asarray(y), atol=1e-6)
   taken = np.zeros((B, L), bool)
-  S = _softmax(np.asarray(x, np.float64) @ np.asarray(m.gate.kernel[...], np.float64))
+  S = _softmax(np.asarray(x, np.float64) @ np.asarray(m.router_proj.kernel[...], np.float64))
   for b in range(B):
     for e in range(E):
       taken[b, np.argsort(-S[b, :, e], kind="stable")[:C]] = True
@@ -328,7 +328,7 @@ def test_router_stats_follow_their_definitions():
   m = build(dispatch="capacity", capacity_factor=0.5)
   x = inputs(10)
   _, aux = run(m, x)
-  z = np.asarray(x, np.float64) @ np.asarray(m.gate.kernel[...], np.float64)
+  z = np.asarray(x, np.float64) @ np.asarray(m.router_proj.kernel[...], np.float64)
   p = _softmax(z)
   top = np.argsort(-p, -1)[..., :2]
   load = np.bincount(top.ravel(), minlength=E) / top.size

@@ -103,8 +103,8 @@ class MoE(ChannelMixer):
     self.capacity_factor, self.tile, self.kernel = capacity_factor, tile, kernel
     self.balance_weight, self.z_weight = balance_weight, z_weight
     self.bias_update_rate = bias_update_rate
-    self.gate = Dense(d_model, num_experts, in_axes=("embed",), out_axes=(None,),
-                      rngs=rngs)
+    self.router_proj = Dense(d_model, num_experts, in_axes=("embed",),
+                             out_axes=(None,), rngs=rngs)
     self.bias = (BalanceBias(jnp.zeros((num_experts,), F32), logical_axes=(None,))
                  if router == "sigmoid_bias" else None)
     self.experts = Experts(num_experts, d_model, _hidden(d_model, hidden, mult),
@@ -134,7 +134,7 @@ class MoE(ChannelMixer):
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     """fp32 router logits [B, L, E]: the input and weights go in as fp32."""
-    return jnp.einsum("bld,de->ble", x_BxLxD.astype(F32), self.gate.kernel[...])
+    return jnp.einsum("bld,de->ble", x_BxLxD.astype(F32), self.router_proj.kernel[...])
 
   def capacity(self, length: int, decoding: bool) -> int | None:
     """Per-row capacity of the capacity dispatch and expert choice."""
@@ -205,7 +205,7 @@ class MoE(ChannelMixer):
   def flops_per_token(self) -> float:
     """Active forward FLOPs per token: router, chosen experts, shared MLP."""
     active = self.top_k * (self.capacity_factor if self.router == "expert_choice" else 1.0)
-    total = 2.0 * self.gate.kernel.size + active * self.experts.flops_per_token()
+    total = 2.0 * self.router_proj.kernel.size + active * self.experts.flops_per_token()
     if self.shared is not None:
       total += self.shared.flops_per_token()
     if self.shared_gate is not None:
