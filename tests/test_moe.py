@@ -168,15 +168,23 @@ def test_dropless_and_roomy_capacity_equal_the_dense_reference(router, opts):
     assert float(aux.stats.dropped) == 0.0
 
 
-def test_grouped_matmul_forms_agree():
-  """ragged_dot (the GPU/TPU form, densely emulated here) and the tiles."""
+def test_grouped_matmul_forms_agree_with_gradients():
+  """ragged_dot (the GPU/TPU form, densely emulated here) and the tiles,
+  whose backward pass is written by hand: values and gradients."""
   w = build().experts.weights(jnp.float32)
   counts = jnp.array([5, 0, 9, 2])
   x = inputs(3, (16, D))
-  want = experts.GROUPED.impls["ragged_dot"].fn(w, x, counts, 4)
+
+  def value_and_grads(impl, tile):
+    f = lambda w, x: experts.GROUPED.impls[impl].fn(w, x, counts, tile)
+    y, vjp = jax.vjp(f, w, x)
+    return y, vjp(jnp.cos(y))  # the gradient of sum(sin(y))
+
+  want = value_and_grads("ragged_dot", 4)
   for tile in (1, 4, 128):
-    got = experts.GROUPED.impls["tiled"].fn(w, x, counts, tile)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    got = value_and_grads("tiled", tile)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
   with pytest.raises(ValueError, match="dense emulation"):
     experts.GROUPED.choose("ragged_dot", platform="cpu")
   assert experts.GROUPED.choose("auto", platform="gpu").name == "ragged_dot"

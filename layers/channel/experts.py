@@ -10,12 +10,15 @@ by group, at the cost of the rows (active parameters), not of E:
   * "ragged_dot": `jax.lax.ragged_dot`, a grouped GEMM on GPU and TPU. It
     declines on CPU, where XLA emulates it densely at E times the FLOPs.
   * "tiled": pure JAX for every platform. Each expert's rows are padded to
-    whole tiles of `tile` rows; every tile gathers its expert's weights and
-    one batched matmul runs all tiles. The tile count is static (rows/tile
-    + E), so the cost is (rows + E * tile) row-matmuls whatever the routing.
+    whole tiles (`tile_rows`: at most `tile` rows, fewer for many experts
+    and few rows); a loop runs the tiles in use, each through its expert's
+    weights read in place, with a hand-written backward pass. Cost: the rows
+    plus on average half a tile per expert.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,31 +83,76 @@ def _ragged(w, x_MxD, counts_E, tile):
 
 
 def tile_rows(rows: int, num_experts: int, tile: int) -> int:
-  """Rows per tile: at most `tile`, and small enough that the padding (up
-  to E tiles) stays within a quarter of the rows (a power of two >= 1)."""
+  """Rows per tile: at most `tile`, and small enough that the padding (half
+  a tile per expert on average) stays within an eighth of the rows (a power
+  of two >= 1). Smaller tiles waste less but multiply less efficiently."""
   fit = max(1, rows // (4 * num_experts))
   return min(tile, 1 << (fit.bit_length() - 1))
+
+
+def _tile_mlp(we: dict, x_mxD: jax.Array) -> jax.Array:
+  return mlp(we, lambda k: x_mxD @ we[k], lambda h: h @ we["down"])
+
+
+def _tile(w: dict, xs, tile_expert, i, m: int):
+  """Tile i's expert weights and rows."""
+  e = tile_expert[i]
+  return e, {k: v[e] for k, v in w.items()}, jax.lax.dynamic_slice_in_dim(xs, i * m, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tile_loop(w: dict, xs_NxD, tile_expert, used, m: int):
+  """Each of the first `used` tiles of m rows of xs through its expert, one
+  tile after another (a loop of dynamic length: tiles past `used`, there
+  for the worst-case routing, cost nothing). The backward pass is written
+  out so that each tile adds its weight gradient into its expert's slice
+  in place; autodiff of a loop over tiles would add a full [E, ...]
+  gradient per tile."""
+  def body(i, out):
+    _, we, xt = _tile(w, xs_NxD, tile_expert, i, m)
+    return jax.lax.dynamic_update_slice_in_dim(out, _tile_mlp(we, xt), i * m, 0)
+  return jax.lax.fori_loop(0, used, body, jnp.zeros_like(xs_NxD))
+
+
+def _tile_loop_fwd(w, xs, tile_expert, used, m):
+  return _tile_loop(w, xs, tile_expert, used, m), (w, xs, tile_expert, used)
+
+
+def _tile_loop_bwd(m, res, dout):
+  w, xs, tile_expert, used = res
+
+  def body(i, carry):
+    dxs, dw = carry
+    e, we, xt = _tile(w, xs, tile_expert, i, m)
+    _, vjp = jax.vjp(_tile_mlp, we, xt)
+    dwe, dxt = vjp(jax.lax.dynamic_slice_in_dim(dout, i * m, m))
+    dw = {k: jax.lax.dynamic_update_index_in_dim(
+        dw[k], dw[k][e] + dwe[k].astype(jnp.float32), e, 0) for k in dw}
+    return jax.lax.dynamic_update_slice_in_dim(dxs, dxt, i * m, 0), dw
+
+  # Weight gradients summed over tiles in fp32 (bf16 sums drift).
+  zeros = (jnp.zeros_like(xs), {k: jnp.zeros(v.shape, jnp.float32) for k, v in w.items()})
+  dxs, dw = jax.lax.fori_loop(0, used, body, zeros)
+  return {k: dw[k].astype(w[k].dtype) for k in w}, dxs, None, None
+
+
+_tile_loop.defvjp(_tile_loop_fwd, _tile_loop_bwd)
 
 
 def _tiled(w, x_MxD, counts_E, tile):
   M, D = x_MxD.shape
   E = counts_E.shape[0]
   m = tile_rows(M, E, tile)
-  n_tiles = M // m + E  # >= sum_e ceil(counts_e / m)
+  n_tiles = M // m + E  # >= sum_e ceil(counts_e / m), whatever the routing
   tiles_E = (counts_E + m - 1) // m
   first_tile_E = jnp.cumsum(tiles_E) - tiles_E
   group_start_E = jnp.cumsum(counts_E) - counts_E
   expert_M = jnp.repeat(jnp.arange(E), counts_E, total_repeat_length=M)
   pos_M = first_tile_E[expert_M] * m + jnp.arange(M) - group_start_E[expert_M]
-  xs = jnp.zeros((n_tiles * m, D), x_MxD.dtype).at[pos_M].set(
-      x_MxD, unique_indices=True).reshape(n_tiles, m, D)
-  # Tiles past the last expert's run hold zeros; give them the last expert.
+  xs = jnp.zeros((n_tiles * m, D), x_MxD.dtype).at[pos_M].set(x_MxD, unique_indices=True)
   tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_E), jnp.arange(n_tiles),
                                              side="right"), E - 1)
-  wt = {k: v[tile_expert] for k, v in w.items()}
-  out = mlp(wt, lambda k: jnp.einsum("nmd,ndh->nmh", xs, wt[k]),
-            lambda h: jnp.einsum("nmh,nhd->nmd", h, wt["down"]))
-  return out.reshape(n_tiles * m, D)[pos_M]
+  return _tile_loop(w, xs, tile_expert, jnp.sum(tiles_E), m)[pos_M]
 
 
 GROUPED = Op(
