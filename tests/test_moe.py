@@ -456,3 +456,24 @@ def test_moe_vs_dense_sweep_is_at_equal_active_flops_and_runs_at_smoke_size(
   switch = rows["lr=0.003__switch"]
   assert switch["aux_loss"] > 0 and 0 < switch["moe/load_max"] <= 1
   assert 0 <= switch["moe/dropped"] < 1 and switch["val_bpb"] is not None
+
+
+def test_bench_moe_runs_at_smoke_size_and_reports_the_target(tmp_path, capsys):
+  from train import bench_moe
+  from train.cli import main
+  out = str(tmp_path / "bench")
+  assert main(["bench-moe", "--experts", "2,4", "--d-model", "8", "--hidden", "8",
+               "--batch", "2", "--length", "8", "--repeats", "1", "--out", out]) == 0
+  report = json.load(open(os.path.join(out, "bench_moe.json")))
+  assert [(r["dispatch"], r["experts"]) for r in report["rows"]] == [
+      ("dropless", 2), ("dropless", 4), ("capacity", 2), ("capacity", 4)]
+  rows = {(r["dispatch"], r["experts"]): r for r in report["rows"]}
+  # fixed active parameters: same FLOPs per token (but the router), more params
+  assert rows["dropless", 4]["active_flops_per_token"] - rows["dropless", 2][
+      "active_flops_per_token"] == 2 * 8 * 2
+  assert rows["dropless", 4]["params"] > rows["dropless", 2]["params"]
+  assert set(report["ratios"]) == {"dropless", "capacity"}
+  md = open(os.path.join(out, "bench_moe.md")).read()
+  assert "mixerlab bench-moe --experts 2,4" in md and f"at most {bench_moe.TARGET}x" in md
+  with pytest.raises(ValueError, match="must each be >= top_k=2"):
+    bench_moe.MoEBenchSpec(experts=(1, 4))
