@@ -234,9 +234,10 @@ class DecoderLM(nnx.Module):
     x = self.embed_tokens(tokens_BxL)
     aux = {}
     for i, block in enumerate(self.blocks):
-      if self.cfg.remat:
-        x, a = nnx.remat(lambda b, x, s: b.with_aux(x, segment_ids=s))(
-            block, x, segment_ids)
+      if self.cfg.remat:  # a pure function of the block's state: nothing to write back
+        graphdef, state = nnx.split(block)
+        x, a = jax.checkpoint(lambda st, x, s, g=graphdef: nnx.merge(g, st).with_aux(
+            x, segment_ids=s))(state, x, segment_ids)
       else:
         x, a = block.with_aux(x, segment_ids=segment_ids)
       if a is not None:

@@ -378,15 +378,37 @@ def test_channel_pattern_cycles_and_the_model_returns_aux():
 
 # -- in the trainer -------------------------------------------------------------------
 
-def moe_run_config(run_dir: str, **train):
+def moe_run_config(run_dir: str, **moe_options):
   """The trainer tests' tiny model with MoE layers that move a DeepSeek-V3
   bias, at a constant learning rate (a resume may then change nothing)."""
-  cfg = tiny_config(run_dir, **train)
+  cfg = tiny_config(run_dir)
   moe = {"name": "moe", "num_experts": E, "hidden": 16, "router": "sigmoid_bias",
-         "bias_update_rate": 0.01, "balance_weight": 0.01}
+         "bias_update_rate": 0.01, "balance_weight": 0.01, **moe_options}
   return dataclasses.replace(
       cfg, model=dataclasses.replace(cfg.model, channel=["swiglu", moe]),
       optimizer=dataclasses.replace(cfg.optimizer, schedule="constant"))
+
+
+def test_remat_and_grad_accumulation_carry_aux_and_the_bias():
+  """Remat recomputes a block whose non-parameter state (the V3 bias) the
+  step only reads, and two micro-batches give the big batch's nll, loads
+  and (with the nonlinear aux losses weighted 0) gradients."""
+  from train.state import build as build_setup
+  from train.step import accumulate
+  cfg = moe_run_config("unused", balance_weight=0.0, z_weight=0.0)
+  batch = ToyIter().batch(0)
+  outs = []
+  for remat, accum in ((False, 1), (True, 2)):
+    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+    setup = build_setup(c)
+    state = setup.init_state()
+    outs.append(jax.jit(lambda p, setup=setup, b=state.buffers, a=accum: accumulate(
+        setup.graphdef, p, b, batch, a))(state.params))
+  (nll1, _, _, grads1, aux1), (nll2, _, _, grads2, aux2) = outs
+  np.testing.assert_allclose(float(nll2), float(nll1), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(aux2[1].stats.load), np.asarray(aux1[1].stats.load))
+  for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads1), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_training_logs_moe_stats_and_a_resume_keeps_the_bias_exact(tmp_path, compile_cache):
@@ -395,7 +417,9 @@ def test_training_logs_moe_stats_and_a_resume_keeps_the_bias_exact(tmp_path, com
   from train.results import markdown, row
   from train.state import build as build_setup
   run_dir = str(tmp_path / "run")
-  cfg = moe_run_config(run_dir, steps=4, checkpoint_every=2)
+  cfg = moe_run_config(run_dir)
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4,
+                                                           checkpoint_every=2))
   summary = train(cfg, ToyIter(), eval_batches(), data_info={})
   log = os.path.join(run_dir, "metrics.jsonl")
   first = [json.loads(line) for line in open(log) if '"loss"' in line]
