@@ -456,9 +456,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 def test_moe_vs_dense_sweep_is_at_equal_active_flops_and_runs_at_smoke_size(
     tmp_path, compile_cache):
   """Every MoE config of the comparison costs the dense model's FLOPs per
-  token (within 1%: the router) with more parameters; two of its runs
-  (dense, and Switch: capacity with drops) train end to end at a smoke
-  size and fill the table's auxiliary columns for the MoE run only."""
+  token (within 2%: the router, widths rounded) with more parameters; its
+  Switch run (capacity, with drops) trains end to end at a smoke size and
+  fills the table's auxiliary columns."""
   from train import sweep
   sw = sweep.load(os.path.join(CONFIGS, "sweeps", "moe_vs_dense.yaml"))
   models = {v.labels["variant"]: sw.config(v).model for v in sw.variants}
@@ -469,15 +469,12 @@ def test_moe_vs_dense_sweep_is_at_equal_active_flops_and_runs_at_smoke_size(
   for name, m in built.items():
     assert abs(m.flops_per_token(64) / dense.flops_per_token(64) - 1) < 0.02, name
     assert m.num_params() > 2.5 * dense.num_params(), name
-  keep = ["lr=0.003__dense", "lr=0.003__switch"]
+  keep = ["lr=0.003__switch"]
   smoke = ["train.steps=2", "train.batch_size=4", "data.seq_len=16",
            "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2"]
-  two = dataclasses.replace(sw, variants=tuple(v for v in sw.variants if v.name in keep))
-  res = sweep.run_sweep(two, str(tmp_path), overrides=smoke, log=lambda _: None)
-  rows = {r["run"]: r for r in res["rows"]}
-  assert {r["status"] for r in rows.values()} == {"done"}
-  assert rows["lr=0.003__dense"]["aux_loss"] is None
-  switch = rows["lr=0.003__switch"]
+  one = dataclasses.replace(sw, variants=tuple(v for v in sw.variants if v.name in keep))
+  [switch] = sweep.run_sweep(one, str(tmp_path), overrides=smoke, log=lambda _: None)["rows"]
+  assert switch["status"] == "done"
   assert switch["aux_loss"] > 0 and 0 < switch["moe/load_max"] <= 1
   assert 0 <= switch["moe/dropped"] < 1 and switch["val_bpb"] is not None
 
