@@ -70,6 +70,7 @@ def capacity_of(length: int, top_k: int, num_experts: int, factor: float) -> int
 
 
 def dense(x_BxLxD: jax.Array, r: Routing, w: dict) -> jax.Array:
+  """The reference: every expert on every token, weighted by the gates."""
   B, L, D = x_BxLxD.shape
   E = w["up"].shape[0]
   rows = jnp.arange(B)[:, None]
@@ -123,19 +124,21 @@ def _run_sharded(w):
   return run
 
 
-def capacity(x_BxLxD: jax.Array, r: Routing, w: dict, capacity: int) -> jax.Array:
+def capacity(x_BxLxD: jax.Array, r: Routing, w: dict, cap: int) -> jax.Array:
+  """Capacity dispatch with `cap` slots per expert and row (see module doc)."""
   E = w["up"].shape[0]
   mesh = expert_mesh()
   if mesh is None:
-    return _capacity(x_BxLxD, r, capacity, E, _run_local(w))
+    return _capacity(x_BxLxD, r, cap, E, _run_local(w))
   batch = P(tuple(mesh.axis_names))
-  local = lambda x, r, w: _capacity(x, r, capacity, E, _run_sharded(w))
+  local = lambda x, r, w: _capacity(x, r, cap, E, _run_sharded(w))
   return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, P(EXPERT_AXIS)),
                        out_specs=batch)(x_BxLxD, r.replace(probs=None), w)
 
 
 def dropless(x_BxLxD: jax.Array, r: Routing, w: dict, *, kernel: str, tile: int
              ) -> jax.Array:
+  """Every assignment of the batch, sorted by expert, through GROUPED."""
   B, L, D = x_BxLxD.shape
   E = w["up"].shape[0]
   row = (jnp.arange(B)[:, None] * L + r.token).reshape(-1)

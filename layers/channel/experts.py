@@ -36,7 +36,7 @@ class Experts(nnx.Module):
 
   def __init__(self, num_experts: int, d_model: int, hidden: int, *,
                kind: str, rngs: nnx.Rngs):
-    self.kind, self.num, self.hidden = kind, num_experts, hidden
+    self.hidden = hidden
     up = lambda: param(rngs, fan_in_init(d_model), (num_experts, d_model, hidden),
                        ("experts", "embed", "mlp"))
     self.gate = up() if kind == "swiglu" else None
