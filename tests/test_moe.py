@@ -389,26 +389,32 @@ def moe_run_config(run_dir: str, **moe_options):
       optimizer=dataclasses.replace(cfg.optimizer, schedule="constant"))
 
 
-def test_remat_and_grad_accumulation_carry_aux_and_the_bias():
+def test_remat_grad_accumulation_and_the_aux_loss_in_the_objective():
   """Remat recomputes a block whose non-parameter state (the V3 bias) the
   step only reads, and two micro-batches give the big batch's nll, loads
-  and (with the nonlinear aux losses weighted 0) gradients."""
+  and (with the nonlinear aux losses weighted 0) gradients; weighted, the
+  aux losses enter the summed objective as count * aux loss."""
   from train.state import build as build_setup
   from train.step import accumulate
-  cfg = moe_run_config("unused", balance_weight=0.0, z_weight=0.0)
   batch = ToyIter().batch(0)
   outs = []
-  for remat, accum in ((False, 1), (True, 2)):
-    c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
-    setup = build_setup(c)
+  for remat, accum, weight in ((False, 1, 0.0), (True, 2, 0.0), (False, 1, 1.0)):
+    cfg = moe_run_config("unused", balance_weight=weight, z_weight=weight)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+    setup = build_setup(cfg)
     state = setup.init_state()
     outs.append(jax.jit(lambda p, setup=setup, b=state.buffers, a=accum: accumulate(
         setup.graphdef, p, b, batch, a))(state.params))
-  (nll1, _, _, grads1, aux1), (nll2, _, _, grads2, aux2) = outs
+  (nll1, count, _, grads1, aux1), (nll2, _, _, grads2, aux2), weighted = outs
   np.testing.assert_allclose(float(nll2), float(nll1), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(aux2[1].stats.load), np.asarray(aux1[1].stats.load))
   for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  s = weighted[4][1].stats
+  np.testing.assert_allclose(float(weighted[2]), float(count) * float(s.balance_loss + s.z_loss),
+                             rtol=1e-5)
+  router = lambda g: np.asarray(g["blocks"][1]["channel"]["router_proj"]["kernel"][...])
+  assert np.abs(router(weighted[3]) - router(grads1)).max() > 1e-3
 
 
 def test_training_logs_moe_stats_and_a_resume_keeps_the_bias_exact(tmp_path, compile_cache):
