@@ -200,6 +200,10 @@ def test_hippo_nplr_reconstructs_legs():
   np.testing.assert_allclose(Lambda.real, -0.5)
   np.testing.assert_allclose(V.conj().T @ P, p)
   np.testing.assert_allclose(V.conj().T @ np.sqrt(2 * n + 1), b)
+  clipped = hippo_legs_nplr(N, b_clip=2.0)[2]       # as the S4 code's nplr
+  np.testing.assert_allclose(clipped.real, b.real)
+  np.testing.assert_allclose(clipped.imag, np.clip(b.imag, -2, 2))
+  assert np.abs(b.imag).max() > 2                   # so the clip acts
 
 
 def test_s4_kernels_match_naive_dplr_recurrence():
