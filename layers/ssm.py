@@ -78,15 +78,25 @@ def check_state_dim(state_dim: int) -> int:
 # -- initializations ----------------------------------------------------------
 
 
-def hippo_legs_nplr(state_dim: int):
+def hippo_legs_nplr(state_dim: int, b_clip: float | None = None):
   """HiPPO-LegS as normal plus low rank, A = S - p p^T, diagonalized.
 
   A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k);
   p_n = sqrt(n + 1/2); b_n = sqrt(2n+1). S = A + p p^T is -1/2 I plus a
   skew-symmetric matrix, so S = V diag(Lambda) V^* with unitary V and
   Re(Lambda) = -1/2. Returns the N/2 modes with Im(Lambda) > 0 (the others
-  are their conjugates): Lambda, V^* p, V^* b [N/2] and V [N, N/2], as
-  numpy complex128. Gu et al. 2021 (S4), sec. 3.3."""
+  are their conjugates, with eigenvectors conj(V)): Lambda, V^* p, V^* b
+  [N/2] and V [N, N/2], as numpy complex128. The real system is recovered
+  only with both halves: A = V_f (diag(Lambda_f) - P_f P_f^*) V_f^* with
+  V_f = [V, conj V], Lambda_f = [Lambda, conj Lambda], P_f = [V^* p,
+  conj(V^* p)]. Gu et al. 2021 (S4), sec. 3.3.
+
+  b_clip: clip Im(V^* b) to [-b_clip, b_clip], as the S4 code's `nplr`
+  does (B_clip=2.0 there); None keeps b exact. The clipped b is no longer
+  LegS's, and which entries it changes depends on the eigenvectors' phases
+  (LAPACK's eigh convention, shared by numpy and torch here)."""
+  if b_clip is not None and not b_clip > 0:
+    raise ValueError(f"b_clip must be None or > 0, got {b_clip}")
   n = np.arange(state_dim)
   r = np.sqrt(2 * n + 1.0)
   A = -np.tril(r[:, None] * r[None, :], -1) - np.diag(n + 1.0)
@@ -96,7 +106,10 @@ def hippo_legs_nplr(state_dim: int):
   keep = np.argsort(omega)[state_dim // 2:]       # omega > 0
   V = V[:, keep]
   Lambda = -0.5 + 1j * omega[keep]
-  return Lambda, V.conj().T @ p, V.conj().T @ r, V
+  b = V.conj().T @ r
+  if b_clip is not None:
+    b = b.real + 1j * np.clip(b.imag, -b_clip, b_clip)
+  return Lambda, V.conj().T @ p, b, V
 
 
 def s4d_eigenvalues(init: str, state_dim: int) -> np.ndarray:
