@@ -236,13 +236,16 @@ class ShortConv(nnx.Module):
     self.bias = (param(rngs, fan_in_init(width), channels, axes)
                  if use_bias else None)
 
-  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+  def __call__(self, x: jax.Array, state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
     """x [B, L, *channels]; state [B, width-1, *channels] (zeros when
-    None). Returns y like x and the new state."""
+    None); segment_ids [B, L] for packed rows (taps stop at a segment
+    start; not with state). Returns y like x and the new state."""
     flat = lambda a: a.reshape(a.shape[:2] + (-1,))
     bias = None if self.bias is None else self.bias[...].reshape(-1)
     y, state = _conv1d(flat(x), self.taps[...].reshape(self.width, -1), bias,
-                       None if state is None else flat(state))
+                       None if state is None else flat(state),
+                       segment_ids=segment_ids)
     return y.reshape(x.shape), state.reshape(state.shape[:2] + x.shape[2:])
 
   def flops_per_token(self) -> float:
