@@ -128,8 +128,9 @@ def bench_config(args, total_steps: int) -> Config:
                      dtype=args.dtype),
       data=DataConfig(task="text", seq_len=args.seq_len),
       optimizer=OptimizerConfig(warmup_steps=2),
-      train=TrainConfig(steps=total_steps, batch_size=args.batch_size, eval_every=0,
-                        eval_batches=1, log_every=total_steps, checkpoint_every=0))
+      train=TrainConfig(steps=total_steps, batch_size=args.batch_size,
+                        eval_every=total_steps, eval_batches=1, log_every=total_steps,
+                        checkpoint_every=total_steps))
 
 
 def main(argv=None) -> dict:

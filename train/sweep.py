@@ -47,8 +47,6 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
-from omegaconf import OmegaConf
-
 from layers import mixers
 from train import configs, results
 from train.config import Config
@@ -138,7 +136,7 @@ SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s")
 
 
 def load(path: str) -> Sweep:
-  raw = OmegaConf.to_container(OmegaConf.load(path))
+  raw = configs.read_yaml(path, "sweep file")
   unknown = set(raw) - set(SWEEP_KEYS)
   if unknown:
     raise configs.ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; "
