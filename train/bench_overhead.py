@@ -103,7 +103,7 @@ def trainer_loop(cfg: Config, host: dict, run_dir: str):
   """Yields run(steps) -> (wall, cpu) seconds per step of `Trainer.fit`,
   the trainer's own loop, continuing one run chunk by chunk."""
   trainer = Trainer(cfg, RepeatBatch(host), [host])
-  state, done = trainer.restore_or_init()
+  state, done, _ = trainer.restore_or_init()
   log = RunLog(run_dir, start_step=0, total_steps=cfg.train.steps)
   carry = [state, done]
 

@@ -38,7 +38,7 @@ def _load(args) -> "configs.Config":
 def cmd_train(args) -> int:
   cfg = _load(args)  # config errors first, before the trainer's heavy imports
   from train import loop
-  print(f"run dir: {cfg.train.run_dir}  (config: {configs.save(cfg, cfg.train.run_dir)})")
+  print(f"run dir: {cfg.train.run_dir}")  # the trainer writes its config.yaml
   print(json.dumps(loop.run(cfg), indent=1, default=str))
   return 0
 

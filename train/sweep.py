@@ -252,7 +252,7 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
                      # for `supervise`: which run a crashed or hung child was in
                      "pid": os.getpid(), "started": time.time()}
     _write_json(os.path.join(out, STATE), state)
-    configs.save(cfg, cfg.train.run_dir)
+    os.makedirs(cfg.train.run_dir, exist_ok=True)  # the trainer writes its config.yaml
     _attempt(cfg, run_fn, state[v.name], log)
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
