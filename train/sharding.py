@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from arches.validation import ConfigError
 from layers.params import AXES as LOGICAL_AXES
 from train.config import MeshConfig
 
@@ -35,14 +36,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   every device the fsdp axis leaves over."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if cfg.fsdp < 1 or n % cfg.fsdp:
-    raise ValueError(f"MeshConfig.fsdp={cfg.fsdp} must be >= 1 and divide the "
-                     f"{n} available devices")
+  if n % cfg.fsdp:
+    raise ConfigError(f"mesh.fsdp={cfg.fsdp} must be >= 1 and divide the {n} "
+                      "available devices", "mesh.fsdp")
   data = n // cfg.fsdp if cfg.data == -1 else cfg.data
-  if data < 1 or data * cfg.fsdp > n:
-    raise ValueError(f"MeshConfig data={cfg.data} x fsdp={cfg.fsdp} needs "
-                     f"{data * cfg.fsdp} devices; {n} are available (data=-1 "
-                     f"uses all that fsdp leaves)")
+  if data * cfg.fsdp > n:
+    raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} needs "
+                      f"{data * cfg.fsdp} devices; {n} are available (data=-1 "
+                      "uses all that fsdp leaves)", "mesh.data", "mesh.fsdp")
   grid = np.asarray(devices[:data * cfg.fsdp], dtype=object).reshape(data, cfg.fsdp)
   return Mesh(grid, AXES)
 
@@ -66,10 +67,11 @@ def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[in
 def check_rules(rules: dict[str, str]) -> dict[str, str]:
   for name, axis in rules.items():
     if name not in LOGICAL_AXES:
-      raise ValueError(f"sharding rule {name!r} -> {axis!r}: logical axes are "
-                       f"{LOGICAL_AXES}")
+      raise ConfigError(f"mesh.rules: sharding rule {name!r} -> {axis!r}: logical "
+                        f"axes are {LOGICAL_AXES}", "mesh.rules")
     if axis not in AXES:
-      raise ValueError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {AXES}")
+      raise ConfigError(f"mesh.rules: sharding rule {name!r} -> {axis!r}: mesh axes "
+                        f"are {AXES}", "mesh.rules")
   return dict(rules)
 
 
