@@ -1,0 +1,193 @@
+"""Pallas chunked linear attention against the pure-JAX `chunked` form.
+
+TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`: VMEM and
+DMA simulated on CPU). Every kernel is also lowered for its platform with
+`jax.export`, and planted bugs show that the equality checks fail.
+
+Tolerances: fp32 1e-5 (relative, in norm), the pure-JAX form computing in
+fp32 too; bf16 3e-2 for outputs and gradients (matmul operands, the state
+read by the queries included, are rounded to bf16 in the kernels, not in
+the reference).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import jax.experimental.pallas.tpu as pltpu
+
+from layers.kernels.linear_attention import chunked
+from layers.kernels.pallas import linear_attention_tpu as tpu_la
+from mixer_contract import rel_err
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  B: int
+  L: int
+  H: int
+  Hk: int
+  K: int
+  V: int
+  chunk: int
+  decay: str     # "channel", or "scalar" (batch row 0 undecayed, row 1 strong)
+  segments: tuple  # per batch row: lengths of its segments
+  dtype: str = "float32"
+
+
+# Length 40 is not a chunk multiple; GQA (2 query heads, 1 key/value head);
+# three segments, one starting mid-chunk and one mid-sub-chunk.
+CHANNEL = Case(1, 40, 2, 1, 8, 8, 32, "channel", ((7, 20, 13),))
+# One head; row 0 without decay, row 1 with log decay -5 per step; row 1's
+# second segment starts exactly at a chunk boundary.
+SCALAR = Case(2, 32, 1, 1, 8, 4, 16, "scalar", ((32,), (16, 16)))
+BF16 = dataclasses.replace(CHANNEL, dtype="bfloat16")
+TOL = {"float32": 1e-5, "bfloat16": 3e-2}
+
+
+def inputs(case: Case, seed=0):
+  rng = np.random.default_rng(seed)
+  c = case
+  rand = lambda *s: rng.standard_normal(s).astype(np.float32)
+  q, k = rand(c.B, c.L, c.H, c.K), rand(c.B, c.L, c.Hk, c.K)
+  v, s0 = rand(c.B, c.L, c.Hk, c.V), rand(c.B, c.H, c.K, c.V)
+  if c.decay == "channel":  # half the channels strong (-4..-6 per step)
+    half = c.K // 2
+    g = np.concatenate([-rng.uniform(4, 6, (c.B, c.L, c.H, half)),
+                        -rng.uniform(0, 0.2, (c.B, c.L, c.H, c.K - half))], -1)
+  else:
+    g = np.stack([np.zeros((c.L, c.H, 1)),
+                  np.full((c.L, c.H, 1), -5.0)])[:c.B]
+  seg = np.stack([np.repeat(np.arange(len(r)), r) for r in c.segments])
+  dt = jnp.dtype(c.dtype)
+  return (jnp.asarray(q, dt), jnp.asarray(k, dt), jnp.asarray(v, dt),
+          jnp.asarray(g, jnp.float32), jnp.asarray(seg, jnp.int32),
+          jnp.asarray(s0))
+
+
+def reference(q, k, v, g, seg, s0, *, chunk_size):
+  """The pure-JAX chunked form, key/value heads repeated for GQA. Its chunk
+  is 16 whatever the kernel's: the result does not depend on it, and on
+  jaxlib 0.10.2 under this suite's XLA flags the gradient of its two-sub-
+  chunk form (chunk 32) at the CHANNEL case crashes XLA's CPU backend."""
+  del chunk_size
+  group = q.shape[2] // k.shape[2]
+  rep = lambda x: jnp.repeat(x, group, axis=2)
+  return chunked(q, rep(k), rep(v), g, seg, s0, chunk_size=16)
+
+
+# Interpret mode runs each kernel as a large XLA program; compiling it
+# without XLA's backend optimizations halves the compile time here.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _compile_and_run(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def outputs_and_grads(fn, case: Case, args, grads: bool):
+  """(o, final state) and, if `grads`, the gradients of a random projection
+  of both with respect to q, k, v, log_decay and the initial state."""
+  q, k, v, g, seg, s0 = args
+  rng = np.random.default_rng(1)
+  w_o = jnp.asarray(rng.standard_normal((case.B, case.L, case.H, case.V)),
+                    jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+
+  def loss(q, k, v, g, s0):
+    o, s = fn(q, k, v, g, seg, s0, chunk_size=case.chunk)
+    return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
+
+  if not grads:
+    return _compile_and_run(lambda *a: loss(*a)[1], q, k, v, g, s0)
+  return _compile_and_run(jax.grad(loss, argnums=range(5), has_aux=True),
+                          q, k, v, g, s0)
+
+
+def errors(kernel_fn, case: Case, grads=True, **kw):
+  """Relative errors of the kernel against the reference: o, final state,
+  then (if `grads`) d q, k, v, log_decay, initial state."""
+  args = inputs(case)
+  run = lambda fn: jax.tree.leaves(outputs_and_grads(fn, case, args, grads))
+  got = run(lambda *a, **k: kernel_fn(*a, **k, **kw))
+  want = run(reference)
+  assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got)
+  return [rel_err(a.astype(jnp.float32), b.astype(jnp.float32))
+          for a, b in zip(got, want)]
+
+
+TPU = pltpu.InterpretParams()
+
+
+@pytest.mark.parametrize("case", [CHANNEL, SCALAR, BF16],
+                         ids=["channel", "scalar", "bf16"])
+def test_tpu_matches_reference(case):
+  errs = errors(tpu_la.linear_attention, case, interpret=TPU)
+  assert max(errs) < TOL[case.dtype], errs
+
+
+# -- planted bugs: each makes the equality check above fail -----------------
+
+def _no_inter_chunk_decay(b, start):  # output pass: Q~ = q, not q exp(b)
+  return jnp.where(start < 0, 1.0, 0.0) + 0 * b
+
+
+def _state_without_decay(b, start):  # state pass: gamma = 1
+  return jnp.where(start[-1:] < 0, 1.0, 0.0) + 0 * b[-1:]
+
+
+def _mask_t_off_by_one(start_1xC):  # gradient pass: dk sees one query too few
+  C = start_1xC.shape[1]
+  s, t = (jax.lax.broadcasted_iota(jnp.int32, (C, C), a) for a in (0, 1))
+  return (s < t) & (s >= start_1xC)
+
+
+def _mask_off_by_one(start_Cx1):  # output pass: query t sees key t + 1
+  C = start_Cx1.shape[0]
+  t, s = (jax.lax.broadcasted_iota(jnp.int32, (C, C), a) for a in (0, 1))
+  return (s <= t + 1) & (s >= start_Cx1)
+
+
+@pytest.mark.parametrize("name, plant, case, grads", [
+    ("_q_scale", _no_inter_chunk_decay, CHANNEL, False),
+    ("_carry", _state_without_decay, CHANNEL, False),
+    ("_mask", _mask_off_by_one, SCALAR, False),  # per channel is causal by construction
+    ("_mask_t", _mask_t_off_by_one, CHANNEL, True)])
+def test_tpu_planted_bug_is_caught(monkeypatch, name, plant, case, grads):
+  monkeypatch.setattr(tpu_la, name, plant)
+  errs = errors(tpu_la.linear_attention, case, grads, interpret=TPU)
+  assert max(errs) > 100 * TOL["float32"], errs
+
+
+# -- lowering for the hardware ---------------------------------------------
+
+def _export_text(fn, case: Case, platform: str) -> str:
+  q, k, v, g, seg, s0 = inputs(case)
+
+  def loss(q, k, v, g, s0):
+    o, s = fn(q, k, v, g, seg, s0, chunk_size=case.chunk)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  exported = jax.export.export(jax.jit(jax.value_and_grad(loss, range(5))),
+                               platforms=[platform])(q, k, v, g, s0)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("case", [CHANNEL, BF16], ids=["channel", "bf16"])
+def test_tpu_lowers(case):
+  # Forward and backward: the gradient program holds all four kernels.
+  text = _export_text(tpu_la.linear_attention, case, "tpu")
+  assert text.count("tpu_custom_call") >= 4
+
+
+def test_tpu_declines():
+  ok = dict(platform="tpu", dtype=jnp.bfloat16, chunk_size=64)
+  assert tpu_la.declines(**ok) is None
+  assert "chunk_size 24" in tpu_la.declines(**{**ok, "chunk_size": 24})
+  assert "float16" in tpu_la.declines(**{**ok, "dtype": jnp.float16})
+  assert "runs on tpu" in tpu_la.declines(**{**ok, "platform": "gpu"})
+  assert "chunk_size" in tpu_la.declines(platform="tpu", dtype=jnp.float32)
+  with pytest.raises(ValueError, match="chunk_size must be a multiple of 16"):
+    tpu_la.linear_attention(*inputs(SCALAR), chunk_size=24)
