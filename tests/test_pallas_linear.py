@@ -83,8 +83,24 @@ def reference(q, k, v, g, seg, s0, *, chunk_size):
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _compile_and_run(fn, *args):
+def compile_and_run(fn, *args):
   return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def _gpu_interpret_params():
+  """Mosaic GPU interpret mode (shared memory, barriers and asynchronous
+  copies simulated on CPU); not exported publicly in jax 0.10.2."""
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError:
+    return None
+  return InterpretGPUParams()
+
+
+TPU = pltpu.InterpretParams()
+GPU = _gpu_interpret_params()
+needs_gpu_interpret = pytest.mark.skipif(
+    GPU is None, reason="this jax has no Mosaic GPU interpret mode")
 
 
 def outputs_and_grads(fn, case: Case, args, grads: bool):
@@ -101,8 +117,8 @@ def outputs_and_grads(fn, case: Case, args, grads: bool):
     return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
 
   if not grads:
-    return _compile_and_run(lambda *a: loss(*a)[1], q, k, v, g, s0)
-  return _compile_and_run(jax.grad(loss, argnums=range(5), has_aux=True),
+    return compile_and_run(lambda *a: loss(*a)[1], q, k, v, g, s0)
+  return compile_and_run(jax.grad(loss, argnums=range(5), has_aux=True),
                           q, k, v, g, s0)
 
 
@@ -116,9 +132,6 @@ def errors(kernel_fn, case: Case, grads=True, **kw):
   assert all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got)
   return [rel_err(a.astype(jnp.float32), b.astype(jnp.float32))
           for a, b in zip(got, want)]
-
-
-TPU = pltpu.InterpretParams()
 
 
 @pytest.mark.parametrize("case", [CHANNEL, SCALAR, BF16],
