@@ -1,13 +1,15 @@
 """Pallas chunked linear attention against the pure-JAX `chunked` form.
 
 TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`: VMEM and
-DMA simulated on CPU). Every kernel is also lowered for its platform with
-`jax.export`, and planted bugs show that the equality checks fail.
+DMA simulated on CPU), GPU kernels in Mosaic GPU interpret mode (shared
+memory, barriers and TMA simulated). Every kernel is also lowered for its
+platform with `jax.export`, and planted bugs show that the equality checks
+fail.
 
 Tolerances: fp32 1e-5 (relative, in norm), the pure-JAX form computing in
 fp32 too; bf16 3e-2 for outputs and gradients (matmul operands, the state
 read by the queries included, are rounded to bf16 in the kernels, not in
-the reference).
+the reference; the errors seen are 1e-3 to 4e-3).
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ import pytest
 import jax.experimental.pallas.tpu as pltpu
 
 from layers.kernels.linear_attention import chunked
+from layers.kernels.pallas import linear_attention_gpu as gpu_la
 from layers.kernels.pallas import linear_attention_tpu as tpu_la
 from mixer_contract import rel_err
 
@@ -44,6 +47,11 @@ CHANNEL = Case(1, 40, 2, 1, 8, 8, 32, "channel", ((7, 20, 13),))
 # second segment starts exactly at a chunk boundary.
 SCALAR = Case(2, 32, 1, 1, 8, 4, 16, "scalar", ((32,), (16, 16)))
 BF16 = dataclasses.replace(CHANNEL, dtype="bfloat16")
+# The GPU kernel's chunk is one 64-row wgmma tile, its operands 16-bit and
+# its head dims 64 or 128: the same situations at those sizes (L = 100).
+GPU_CHANNEL = Case(1, 100, 2, 1, 64, 64, 64, "channel", ((30, 70),), "bfloat16")
+GPU_SCALAR = Case(2, 100, 1, 1, 64, 64, 64, "scalar", ((100,), (64, 36)),
+                  "bfloat16")
 TOL = {"float32": 1e-5, "bfloat16": 3e-2}
 
 
@@ -141,37 +149,65 @@ def test_tpu_matches_reference(case):
   assert max(errs) < TOL[case.dtype], errs
 
 
+@needs_gpu_interpret
+@pytest.mark.parametrize("case", [GPU_CHANNEL, GPU_SCALAR],
+                         ids=["channel", "scalar"])
+def test_gpu_matches_reference(case):
+  errs = errors(gpu_la.linear_attention, case, interpret=GPU)
+  assert max(errs) < TOL[case.dtype], errs
+
+
 # -- planted bugs: each makes the equality check above fail -----------------
 
-def _no_inter_chunk_decay(b, start):  # output pass: Q~ = q, not q exp(b)
-  return jnp.where(start < 0, 1.0, 0.0) + 0 * b
+# The real helpers, called with the decay zeroed: the planted versions.
+_REAL = {(m, n): getattr(m, n) for m in (tpu_la, gpu_la)
+         for n in ("_q_scale", "_carry")}
 
 
-def _state_without_decay(b, start):  # state pass: gamma = 1
-  return jnp.where(start[-1:] < 0, 1.0, 0.0) + 0 * b[-1:]
+def _without_decay(module, name):
+  real = _REAL[module, name]
+  return lambda b, *rest: real(0 * b, *rest)
 
 
-def _mask_t_off_by_one(start_1xC):  # gradient pass: dk sees one query too few
-  C = start_1xC.shape[1]
-  s, t = (jax.lax.broadcasted_iota(jnp.int32, (C, C), a) for a in (0, 1))
-  return (s < t) & (s >= start_1xC)
-
-
-def _mask_off_by_one(start_Cx1):  # output pass: query t sees key t + 1
+def _tpu_mask_off_by_one(start_Cx1):  # output pass: query t sees key t + 1
   C = start_Cx1.shape[0]
   t, s = (jax.lax.broadcasted_iota(jnp.int32, (C, C), a) for a in (0, 1))
   return (s <= t + 1) & (s >= start_Cx1)
 
 
-@pytest.mark.parametrize("name, plant, case, grads", [
-    ("_q_scale", _no_inter_chunk_decay, CHANNEL, False),
-    ("_carry", _state_without_decay, CHANNEL, False),
-    ("_mask", _mask_off_by_one, SCALAR, False),  # per channel is causal by construction
-    ("_mask_t", _mask_t_off_by_one, CHANNEL, True)])
-def test_tpu_planted_bug_is_caught(monkeypatch, name, plant, case, grads):
-  monkeypatch.setattr(tpu_la, name, plant)
-  errs = errors(tpu_la.linear_attention, case, grads, interpret=TPU)
-  assert max(errs) > 100 * TOL["float32"], errs
+def _tpu_mask_t_off_by_one(start_1xC):  # gradient pass: dk misses a query
+  C = start_1xC.shape[1]
+  s, t = (jax.lax.broadcasted_iota(jnp.int32, (C, C), a) for a in (0, 1))
+  return (s < t) & (s >= start_1xC)
+
+
+def _gpu_mask_t_off_by_one(row, col, start_row):  # as above
+  return (row < col) & (row >= gpu_la._rows(start_row, row.shape))
+
+
+PLANTS = {
+    # Output pass: Q~ = q (no decay on the inter-chunk term); state pass:
+    # gamma = 1 (the state not decayed across a chunk).
+    "tpu": [("_q_scale", _without_decay(tpu_la, "_q_scale"), CHANNEL, False),
+            ("_carry", _without_decay(tpu_la, "_carry"), CHANNEL, False),
+            # per channel, causality is built into the score blocks
+            ("_mask", _tpu_mask_off_by_one, SCALAR, False),
+            ("_mask_t", _tpu_mask_t_off_by_one, CHANNEL, True)],
+    "gpu": [("_q_scale", _without_decay(gpu_la, "_q_scale"), GPU_CHANNEL, False),
+            ("_carry", _without_decay(gpu_la, "_carry"), GPU_CHANNEL, False),
+            ("_mask_t", _gpu_mask_t_off_by_one, GPU_CHANNEL, True)]}
+KERNELS = {"tpu": (tpu_la, TPU), "gpu": (gpu_la, GPU)}
+
+
+@pytest.mark.parametrize("platform, name, plant, case, grads", [
+    pytest.param(p, *plant, marks=[needs_gpu_interpret] if p == "gpu" else [],
+                 id=f"{p}-{plant[0]}")
+    for p, plants in PLANTS.items() for plant in plants])
+def test_planted_bug_is_caught(monkeypatch, platform, name, plant, case, grads):
+  module, params = KERNELS[platform]
+  monkeypatch.setattr(module, name, plant)
+  errs = errors(module.linear_attention, case, grads, interpret=params)
+  assert max(errs) > 3 * TOL[case.dtype], errs
 
 
 # -- lowering for the hardware ---------------------------------------------
@@ -188,11 +224,16 @@ def _export_text(fn, case: Case, platform: str) -> str:
   return exported.mlir_module()
 
 
-@pytest.mark.parametrize("case", [CHANNEL, BF16], ids=["channel", "bf16"])
-def test_tpu_lowers(case):
+@pytest.mark.parametrize("platform, case", [
+    ("tpu", CHANNEL), ("tpu", BF16), ("gpu", GPU_CHANNEL), ("gpu", GPU_SCALAR)],
+    ids=["tpu-channel", "tpu-bf16", "gpu-channel", "gpu-scalar"])
+def test_lowers(platform, case):
   # Forward and backward: the gradient program holds all four kernels.
-  text = _export_text(tpu_la.linear_attention, case, "tpu")
-  assert text.count("tpu_custom_call") >= 4
+  module = KERNELS[platform][0]
+  text = _export_text(module.linear_attention, case,
+                      {"gpu": "cuda"}.get(platform, platform))
+  call = {"tpu": "tpu_custom_call", "gpu": "mosaic_gpu"}[platform]
+  assert text.count(f"custom_call @{call}") >= 4
 
 
 def test_tpu_declines():
@@ -204,3 +245,18 @@ def test_tpu_declines():
   assert "chunk_size" in tpu_la.declines(platform="tpu", dtype=jnp.float32)
   with pytest.raises(ValueError, match="chunk_size must be a multiple of 16"):
     tpu_la.linear_attention(*inputs(SCALAR), chunk_size=24)
+
+
+def test_gpu_declines():
+  ok = dict(platform="gpu", dtype=jnp.bfloat16, chunk_size=64, key_dim=128,
+            value_dim=64, decay="channel")
+  assert gpu_la.declines(**ok) is None
+  assert "216 KiB" in gpu_la.declines(**{**ok, "value_dim": 128})
+  assert gpu_la.declines(**{**ok, "value_dim": 128, "decay": "scalar"}) is None
+  assert "float32" in gpu_la.declines(**{**ok, "dtype": jnp.float32})
+  assert "chunk_size 128" in gpu_la.declines(**{**ok, "chunk_size": 128})
+  assert "key_dim 96" in gpu_la.declines(**{**ok, "key_dim": 96})
+  assert "decay" in gpu_la.declines(platform="gpu", dtype=jnp.bfloat16,
+                                    chunk_size=64, key_dim=64, value_dim=64)
+  with pytest.raises(ValueError, match="dtype"):
+    gpu_la.linear_attention(*inputs(CHANNEL), chunk_size=64)

@@ -34,8 +34,8 @@ and maps the results back. What the kernels read:
       state is carried through the chunk iff start_{C-1} < 0. Segment ids
       label contiguous runs, as packing makes them (the op's other forms
       assume the same).
-  states travel transposed, [V, K] per head and fp32, so that a per-key
-      decay scales lanes.
+  states travel transposed, [V, K] per head, so that a per-key decay
+      scales lanes (TPU) or columns (GPU); the carried state is fp32.
 
 Padding tokens have k = v = 0 and g = 0, so they leave the state as it is.
 """
@@ -58,7 +58,9 @@ class Kernels(NamedTuple):
   """One backend's kernels; `static` is (chunk_size, interpret).
 
   state_pass(static, x, y, b, start, s0T, *, reverse) ->
-      (entering [B, H, N, V, K], final [B, H, V, K]), both transposed, fp32.
+      (entering [B, H, N, V, K], final [B, H, V, K] fp32), transposed; the
+      entering states in fp32 or in the matmul operand dtype (the backend's
+      choice: they are only read as matmul operands and for d gamma).
       Forward: x = k, y = v, chunks in order. reverse=True: x = q, y = dO,
       chunks last to first, "entering" being the gradient of the state
       leaving each chunk.
@@ -142,7 +144,7 @@ def make_linear_attention(kernels: Kernels, check: Callable[..., None]):
   return linear_attention
 
 
-def check_common(q, k, v, log_decay, who: str) -> None:
+def check_common(q, k, v, log_decay, who: str, dtypes=DTYPES) -> None:
   """Shape and dtype rules every backend shares (a ValueError names them)."""
   B, L, H, K = q.shape
   if k.shape[:2] != (B, L) or k.shape[3] != K or H % k.shape[2]:
@@ -154,13 +156,13 @@ def check_common(q, k, v, log_decay, who: str) -> None:
   if log_decay.shape[:3] != (B, L, H) or log_decay.shape[3] not in (1, K):
     raise ValueError(f"{who}: log_decay has shape {log_decay.shape}; it must "
                      f"be [B, L, H, 1] or [B, L, H, {K}]")
-  if not (q.dtype == k.dtype == v.dtype) or q.dtype.name not in DTYPES:
-    raise ValueError(f"{who}: q, k, v must share one dtype of {DTYPES}, got "
+  if not (q.dtype == k.dtype == v.dtype) or q.dtype.name not in dtypes:
+    raise ValueError(f"{who}: q, k, v must share one dtype of {dtypes}, got "
                      f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def declines_common(query: dict, platform: str, needs: tuple[str, ...],
-                    who: str) -> str | None:
+                    who: str, dtypes=DTYPES) -> str | None:
   """Platform, dtype and which query keys the backend needs stated."""
   if query.get("platform") != platform:
     return f"{who} runs on {platform}, not {query.get('platform')}"
@@ -168,6 +170,6 @@ def declines_common(query: dict, platform: str, needs: tuple[str, ...],
   if missing:
     return f"the caller did not state {', '.join(missing)}"
   dtype = jnp.dtype(query["dtype"]).name
-  if dtype not in DTYPES:
-    return f"dtype {dtype} (the kernel takes {', '.join(DTYPES)})"
+  if dtype not in dtypes:
+    return f"dtype {dtype} (the kernel takes {' or '.join(dtypes)})"
   return None
