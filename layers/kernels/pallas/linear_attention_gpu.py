@@ -35,13 +35,20 @@ programs, not done yet. A length that is not a chunk multiple is padded;
 any segment layout; Hk dividing H.
 
 Verified on CPU: equality with the pure-JAX forms in Mosaic GPU interpret
-mode, and lowering to the Mosaic GPU custom call (register layouts, wgmma
-operand layouts and TMA shapes are checked there) through `jax.export`.
-Two things differ when interpreting (jax 0.10.2's interpreter has no rule
-for them): layout hints are dropped, and wgmma operands used transposed
-are first copied transposed in shared memory instead of read through a
-transposed view. Not yet run on a GPU: PTX compilation and the
-hardware's synchronization are verified only when one runs it.
+mode (its race detector finds no race in the three kernels), and lowering
+to the Mosaic GPU custom call (register layouts, wgmma operand layouts and
+TMA shapes are checked there) through `jax.export`. Two things differ
+when interpreting, as jax 0.10.2's interpreter has no rule for them
+(`_Ops`): register layouts are not named (plain loads, no layout casts),
+and wgmma operands used transposed are copied transposed in shared memory
+instead of read through a transposed view. Not yet run on a GPU: PTX
+compilation, the hardware's synchronization and the speed are verified
+only when one runs it.
+
+Speed, not yet tuned: the output and gradient passes take one chunk per
+program and rely on occupancy to hide their TMA loads; the state pass
+loads each chunk synchronously; the per-channel band is a 64-step loop of
+[64, K] vector work per matmul.
 """
 
 from __future__ import annotations
@@ -94,8 +101,9 @@ def _rows(x, shape):
 
 @dataclasses.dataclass(frozen=True)
 class _Ops:
-  """Register layouts and wgmma, compiled or interpreted (module docstring)."""
-  interpret: bool
+  """Register layouts and wgmma, compiled or interpreted (module docstring).
+  `interpret`: False, or the Mosaic GPU interpret parameters."""
+  interpret: object
 
   def cast(self, x, layout):
     return x if self.interpret else plgpu.layout_cast(x, layout)
