@@ -17,9 +17,10 @@ masked before exp. Per key channel (GLA's secondary chunking, sub-chunks
 of 16): pairs in different sub-chunks factor exp(b_t - b_s) =
 exp(b_t - r) exp(r - b_s) around r, the cumulative decay at the sub-chunk
 boundary (both factors <= 1); as wgmma tiles are 64 rows, that is one
-full-chunk wgmma per sub-chunk with the other rows masked (4x the score
-matmul of a scalar decay). Pairs inside one sub-chunk are exact fp32
-products, one key column at a time. The gradients use the same split.
+full-chunk wgmma per later sub-chunk with the other rows masked (three in
+place of the one score matmul of a scalar decay). Pairs inside one
+sub-chunk are exact fp32 products, one key column at a time. The
+gradients use the same split.
 
 Precision: matmul operands are 16-bit (the state read by the queries and
 the emitted per-chunk states included, as flash-linear-attention does);
@@ -378,7 +379,6 @@ def _backward_kernel(q_g, k_g, v_g, b_g, st_g, do_g, s_g, r_g, dq_g, dk_g,
   i, h, n = (lax.axis_index(a) for a in ("batch", "heads", "chunks"))
   H = b_g.shape[1]
   C, K = q_s.shape
-  V = v_s.shape[1]
   hk, rows = lax.div(h, H // k_g.shape[1]), pl.ds(n * C, C)
   _load(((q_g.at[i, h, rows], q_s), (k_g.at[i, hk, rows], k_s),
          (v_g.at[i, hk, rows], v_s), (do_g.at[i, h, rows], do_s),
