@@ -16,7 +16,9 @@ the saved lse rather than storing probabilities: with D = rowsum(dO * O),
 dP = dO V^T and dS = P * (dP - D), each key block accumulates dV = P^T dO
 and dK = dS^T Q over the query blocks that see it, while dQ += dS K. Memory
 is O(L d) in both passes: one [block_q, block_k] score block per head at a
-time beside q, k, v, o, lse and the gradients.
+time beside q, k, v, o, lse and the gradients. With bf16 inputs P and dS
+enter the matmuls in bf16, as in FlashAttention; the statistics and every
+accumulator stay fp32.
 
 Causal, window, segment and last-block padding masks, the ALiBi bias and
 the soft-cap are computed per block from positions and ids. The loop bounds
