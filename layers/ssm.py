@@ -27,12 +27,14 @@ from layers.params import Dense, fan_in_init, param
 # -- parameters ---------------------------------------------------------------
 
 
-def complex_param(value: np.ndarray | jax.Array, axes) -> nnx.Param:
+def complex_param(value: np.ndarray | jax.Array, axes, *,
+                  weight_decay: bool = True) -> nnx.Param:
   """A complex parameter stored as fp32 (re, im) pairs in a trailing axis,
   so optimizers, checkpoints and sharding see only real arrays."""
   value = jnp.asarray(value, jnp.complex64)
   pair = jnp.stack([value.real, value.imag], axis=-1)
-  return param(None, pair, pair.shape, tuple(axes) + (None,))
+  return param(None, pair, pair.shape, tuple(axes) + (None,),
+               weight_decay=weight_decay)
 
 
 def as_complex(p: nnx.Param) -> jax.Array:
@@ -47,13 +49,14 @@ def complex_normal(rngs: nnx.Rngs, shape, std: float = 1.0) -> jax.Array:
 
 
 def log_dt_param(rngs: nnx.Rngs, shape, axes, dt_min: float, dt_max: float):
-  """log dt, uniform in [log dt_min, log dt_max] (the S4 family's init)."""
+  """log dt, uniform in [log dt_min, log dt_max] (the S4 family's init);
+  never weight-decayed."""
   if not 0 < dt_min <= dt_max:
     raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, "
                      f"dt_max={dt_max}")
   def init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
-  return param(rngs, init, shape, axes)
+  return param(rngs, init, shape, axes, weight_decay=False)
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes) -> nnx.Param:
@@ -199,9 +202,9 @@ class S4DSSM(DiagonalLTI):
     self.modes = (channels, state_dim // 2)
     self.log_dt = log_dt_param(rngs, (channels,), (axis,), dt_min, dt_max)
     self.a_log = param(None, jnp.broadcast_to(jnp.log(-A.real), self.modes),
-                       self.modes, (axis, "state"))
+                       self.modes, (axis, "state"), weight_decay=False)
     self.a_imag = param(None, jnp.broadcast_to(A.imag, self.modes),
-                        self.modes, (axis, "state"))
+                        self.modes, (axis, "state"), weight_decay=False)
     self.C = complex_param(complex_normal(rngs, self.modes), (axis, "state"))
     self.D = normal_param(rngs, (channels,), (axis,))
 

@@ -81,6 +81,23 @@ def test_weight_decay_mask_skips_norms_biases_and_embeddings():
   assert not d["blocks/0/mixer_norm/scale"] and d["blocks/0/mixer/proj/q/kernel"]
 
 
+@pytest.mark.parametrize("mixer,spared,decayed", [
+    # SSM dynamics and RWKV's time parameters, as in the reference
+    # optimizers; the matrices beside them are still decayed.
+    ("mamba", "A_log", "in_proj/kernel"),
+    ("s4", "core/lambda_im", "core/C"),
+    ("s4", "core/B", "out/proj/kernel"),
+    ("rwkv6", "decay_b", "receptance/kernel"),
+])
+def test_weight_decay_spares_parameters_marked_by_their_mixer(mixer, spared, decayed):
+  cfg = tiny_config("unused")
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, mixer=mixer if mixer != "rwkv6" else {"name": "rwkv6", "head_dim": 16}))
+  d = _decayed(build(cfg).abstract_state.params, False)
+  assert d[f"blocks/0/mixer/{spared}"] is False
+  assert d[f"blocks/0/mixer/{decayed}"] is True
+
+
 @pytest.mark.parametrize("name", ["adamw", "lion"])
 def test_optimizer_decays_only_masked_params_and_descends(name):
   params = nnx.state(_Small(), nnx.Param)

@@ -45,10 +45,14 @@ def _key_name(k) -> str:
 
 def decays(path, variable: nnx.Variable, decay_embeddings: bool) -> bool:
   """Weight decay applies to weight matrices, not to norm parameters, biases
-  or other vectors, and not to the input embedding table ("vocab", "embed")
-  unless `decay_embeddings`."""
+  or other vectors, not to parameters created with `weight_decay=False`
+  (`layers.params`: SSM dynamics, RWKV decays), and not to the input
+  embedding table ("vocab", "embed") unless `decay_embeddings`."""
   names = [_key_name(k) for k in path]
-  axes = tuple(variable.get_metadata().get("logical_axes") or ())
+  meta = variable.get_metadata()
+  axes = tuple(meta.get("logical_axes") or ())
+  if meta.get("weight_decay") is False:
+    return False
   if variable.ndim < 2 or names[-1] == "bias":
     return False
   if "norm" in axes or any("norm" in n for n in names):

@@ -36,10 +36,14 @@ class DPLRSSM(nnx.Module):
     self.modes = (channels, state_dim // 2)
     axes = ("embed", "state")
     tile = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.complex64), self.modes)
-    self.lambda_log_re = param(None, jnp.log(-tile(Lambda).real), self.modes, axes)
-    self.lambda_im = param(None, tile(Lambda).imag, self.modes, axes)
-    self.P = complex_param(tile(P), axes)
-    self.B = complex_param(tile(B), axes)
+    # A (Lambda, P) and B are the SSM's dynamics: no weight decay, as in
+    # the S4 code's optimizer groups.
+    self.lambda_log_re = param(None, jnp.log(-tile(Lambda).real), self.modes,
+                               axes, weight_decay=False)
+    self.lambda_im = param(None, tile(Lambda).imag, self.modes, axes,
+                           weight_decay=False)
+    self.P = complex_param(tile(P), axes, weight_decay=False)
+    self.B = complex_param(tile(B), axes, weight_decay=False)
     self.C = complex_param(complex_normal(rngs, self.modes), axes)
     self.log_dt = log_dt_param(rngs, (channels,), ("embed",), dt_min, dt_max)
     self.D = normal_param(rngs, (channels,), ("embed",))
