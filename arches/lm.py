@@ -21,7 +21,7 @@ experts: its auxiliary losses and routing statistics, `MoEAux`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -29,10 +29,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from flax.core import FrozenDict
 
+from arches.validation import (ConfigError, above, at_least, check_fields, one_of,
+                               optional)
 from layers import channel, mixers, norms
 from layers.params import Dense, Embed, count_params, fan_in_init
 
 Spec = str | Mapping
+# Compute dtypes: float16 would need loss scaling, which the trainer lacks.
+DTYPES = ("float32", "bfloat16")
 
 
 def freeze(obj):
@@ -71,6 +75,15 @@ def normalize_spec(spec: Spec, registry) -> tuple[str, dict]:
   return name, options
 
 
+def _spec_check(key: str, specs: Callable[[], Any]) -> None:
+  """The registry's error for a bad spec (unknown name or option, wrong
+  option type), as a ConfigError naming the key."""
+  try:
+    specs()
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{key}: {e}", key) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
   """Model hyperparameters. All fields are plain data (configs are data).
@@ -84,6 +97,9 @@ class LMConfig:
   embed_norm: normalize embeddings before the first block (RWKV's ln0).
   logit_softcap: c * tanh(logits / c) (Gemma 2, Griffin).
   remat: recompute each block in the backward pass to save memory.
+
+  Every field is checked when the config is built; a bad value raises
+  `ConfigError` naming model.<field>, the value and what is allowed.
   """
   vocab_size: int = 256
   d_model: int = 128
@@ -102,15 +118,16 @@ class LMConfig:
   def __post_init__(self):
     object.__setattr__(self, "mixer", freeze(self.mixer))
     object.__setattr__(self, "channel", freeze(self.channel))
-    for field, lo in (("vocab_size", 2), ("d_model", 1), ("n_layers", 1)):
-      v = getattr(self, field)
-      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"LMConfig.{field} must be an int >= {lo}, got {v!r}")
-    self.mixer_specs()  # validate early, with the registry's messages
-    self.channel_specs()
-    if self.norm not in norms.NORMS:
-      raise ValueError(f"LMConfig.norm {self.norm!r} not in {sorted(norms.NORMS)}")
-    jnp.dtype(self.dtype)
+    check_fields(self, "model", vocab_size=at_least(2), d_model=at_least(1),
+                 n_layers=at_least(1), norm=one_of(sorted(norms.NORMS)),
+                 norm_eps=above(0), embed_scale=optional(above(0)),
+                 logit_softcap=optional(above(0)), dtype=one_of(DTYPES))
+    if self.mixer in (None, "", ()):
+      raise ConfigError(f"model.mixer is empty: give a registered sequence mixer, "
+                        f"{{name: ..., option: ...}} or a list of them. Registered: "
+                        f"{', '.join(sorted(mixers.names()))}.", "model.mixer")
+    _spec_check("model.mixer", self.mixer_specs)
+    _spec_check("model.channel", self.channel_specs)
 
   def to_dict(self) -> dict:
     return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -118,8 +135,6 @@ class LMConfig:
   def mixer_specs(self) -> list[tuple[str, dict]]:
     """One (name, options) per layer: the pattern cycled over depth."""
     pattern = self.mixer if isinstance(self.mixer, tuple) else (self.mixer,)
-    if not pattern:
-      raise ValueError("LMConfig.mixer pattern is empty")
     specs = [normalize_spec(s, mixers.REGISTRY) for s in pattern]
     return [specs[i % len(specs)] for i in range(self.n_layers)]
 
@@ -133,7 +148,7 @@ class LMConfig:
     for spec in filter(None, specs):
       if not channel.info(*spec).causal:
         raise ValueError(
-            f"LMConfig.channel {spec[0]!r} with options {spec[1]} is not causal "
+            f"channel mixer {spec[0]!r} with options {spec[1]} is not causal "
             "(router='expert_choice' lets each expert pick tokens from the whole "
             "sequence), and a decoder LM must be; use a token-choice router "
             "(softmax_topk, topk_softmax, sigmoid_bias). Expert choice is for "

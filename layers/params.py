@@ -8,6 +8,14 @@ so sharding a model never needs a model rewrite.
 Master weights are fp32. Modules compute in the dtype of their input: the
 weights are cast at use, so bf16 activations give bf16 matmuls while the
 optimizer keeps updating fp32 values.
+
+A parameter created with `weight_decay=False` carries that in its metadata
+and the trainer's optimizer never decays it, whatever its shape. Mixers use
+it where their reference implementations exclude parameters from weight
+decay: the dynamics of state-space models (A / Lambda, P, B, log dt; Mamba's
+A_log and D) and RWKV's time-decay and time-mix parameters. Decaying them
+pulls a trained recurrence towards the same fixed decay for every channel,
+which no published model does.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "state",
 
 
 def param(rngs: nnx.Rngs | None, init: Init | jax.Array, shape: Sequence[int],
-          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
-  """An fp32 `nnx.Param` named by `axes` (one name or None per dimension)."""
+          axes: Sequence[str | None], dtype=jnp.float32, *,
+          weight_decay: bool = True) -> nnx.Param:
+  """An fp32 `nnx.Param` named by `axes` (one name or None per dimension);
+  `weight_decay=False` exempts it from weight decay (see module doc)."""
   axes = tuple(axes)
   if len(axes) != len(shape):
     raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis "
@@ -40,7 +50,8 @@ def param(rngs: nnx.Rngs | None, init: Init | jax.Array, shape: Sequence[int],
       raise ValueError(f"unknown logical axis {a!r}; known: {AXES}")
   value = init if isinstance(init, jax.Array) else init(
       rngs.params(), tuple(shape), dtype)
-  return nnx.Param(jnp.asarray(value, dtype), logical_axes=axes)
+  extra = {} if weight_decay else {"weight_decay": False}
+  return nnx.Param(jnp.asarray(value, dtype), logical_axes=axes, **extra)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -10,7 +10,10 @@ new scheme overrides only what it needs and mixers never branch on names:
     or None. Schemes whose bias depends only on the distance q_pos - k_pos
     define `distance_bias(dist)` instead, for a dist of any layout with
     heads on axis 1 (size 1 or H): block-sparse mixers pass their gathered
-    blocks' distances, dense attention a [B, 1, Lq, Lk] grid.
+    blocks' distances.
+  * `slopes()`: for a bias linear in distance, -slope_h * (q_pos - k_pos),
+    the per-head slopes [H] (ALiBi), else None. Dense attention's kernels
+    take only such a bias, computed per block.
 
 Shapes: q/k are [B, L, heads, head_dim]; pos are int32 [B, L] absolute
 positions (within a segment, for packed rows).
@@ -56,6 +59,10 @@ class Position:
 
   def distance_bias(self, dist: jax.Array) -> jax.Array | None:
     """Score bias from query-minus-key distances [b, 1|H, ...], or None."""
+    return None
+
+  def slopes(self) -> jax.Array | None:
+    """Per-head slopes [H] fp32 when the bias is -slope_h * distance."""
     return None
 
 
@@ -251,8 +258,11 @@ class ALiBi(Position):
   score of query i for key j gets -m_h * (i - j), a per-head linear
   distance penalty that extrapolates to longer contexts."""
 
+  def slopes(self):
+    return alibi_slopes(self.num_heads)
+
   def distance_bias(self, dist):
-    slopes = alibi_slopes(self.num_heads)
+    slopes = self.slopes()
     return -slopes.reshape((1, -1) + (1,) * (dist.ndim - 2)) * dist.astype(jnp.float32)
 
 

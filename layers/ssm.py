@@ -27,12 +27,14 @@ from layers.params import Dense, fan_in_init, param
 # -- parameters ---------------------------------------------------------------
 
 
-def complex_param(value: np.ndarray | jax.Array, axes) -> nnx.Param:
+def complex_param(value: np.ndarray | jax.Array, axes, *,
+                  weight_decay: bool = True) -> nnx.Param:
   """A complex parameter stored as fp32 (re, im) pairs in a trailing axis,
   so optimizers, checkpoints and sharding see only real arrays."""
   value = jnp.asarray(value, jnp.complex64)
   pair = jnp.stack([value.real, value.imag], axis=-1)
-  return param(None, pair, pair.shape, tuple(axes) + (None,))
+  return param(None, pair, pair.shape, tuple(axes) + (None,),
+               weight_decay=weight_decay)
 
 
 def as_complex(p: nnx.Param) -> jax.Array:
@@ -47,13 +49,14 @@ def complex_normal(rngs: nnx.Rngs, shape, std: float = 1.0) -> jax.Array:
 
 
 def log_dt_param(rngs: nnx.Rngs, shape, axes, dt_min: float, dt_max: float):
-  """log dt, uniform in [log dt_min, log dt_max] (the S4 family's init)."""
+  """log dt, uniform in [log dt_min, log dt_max] (the S4 family's init);
+  never weight-decayed."""
   if not 0 < dt_min <= dt_max:
     raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, "
                      f"dt_max={dt_max}")
   def init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
-  return param(rngs, init, shape, axes)
+  return param(rngs, init, shape, axes, weight_decay=False)
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes) -> nnx.Param:
@@ -78,15 +81,25 @@ def check_state_dim(state_dim: int) -> int:
 # -- initializations ----------------------------------------------------------
 
 
-def hippo_legs_nplr(state_dim: int):
+def hippo_legs_nplr(state_dim: int, b_clip: float | None = None):
   """HiPPO-LegS as normal plus low rank, A = S - p p^T, diagonalized.
 
   A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n+1) (n = k), 0 (n < k);
   p_n = sqrt(n + 1/2); b_n = sqrt(2n+1). S = A + p p^T is -1/2 I plus a
   skew-symmetric matrix, so S = V diag(Lambda) V^* with unitary V and
   Re(Lambda) = -1/2. Returns the N/2 modes with Im(Lambda) > 0 (the others
-  are their conjugates): Lambda, V^* p, V^* b [N/2] and V [N, N/2], as
-  numpy complex128. Gu et al. 2021 (S4), sec. 3.3."""
+  are their conjugates, with eigenvectors conj(V)): Lambda, V^* p, V^* b
+  [N/2] and V [N, N/2], as numpy complex128. The real system is recovered
+  only with both halves: A = V_f (diag(Lambda_f) - P_f P_f^*) V_f^* with
+  V_f = [V, conj V], Lambda_f = [Lambda, conj Lambda], P_f = [V^* p,
+  conj(V^* p)]. Gu et al. 2021 (S4), sec. 3.3.
+
+  b_clip: clip Im(V^* b) to [-b_clip, b_clip], as the S4 code's `nplr`
+  does (B_clip=2.0 there); None keeps b exact. The clipped b is no longer
+  LegS's, and which entries it changes depends on the eigenvectors' phases
+  (LAPACK's eigh convention, shared by numpy and torch here)."""
+  if b_clip is not None and not b_clip > 0:
+    raise ValueError(f"b_clip must be None or > 0, got {b_clip}")
   n = np.arange(state_dim)
   r = np.sqrt(2 * n + 1.0)
   A = -np.tril(r[:, None] * r[None, :], -1) - np.diag(n + 1.0)
@@ -96,7 +109,10 @@ def hippo_legs_nplr(state_dim: int):
   keep = np.argsort(omega)[state_dim // 2:]       # omega > 0
   V = V[:, keep]
   Lambda = -0.5 + 1j * omega[keep]
-  return Lambda, V.conj().T @ p, V.conj().T @ r, V
+  b = V.conj().T @ r
+  if b_clip is not None:
+    b = b.real + 1j * np.clip(b.imag, -b_clip, b_clip)
+  return Lambda, V.conj().T @ p, b, V
 
 
 def s4d_eigenvalues(init: str, state_dim: int) -> np.ndarray:
@@ -186,9 +202,9 @@ class S4DSSM(DiagonalLTI):
     self.modes = (channels, state_dim // 2)
     self.log_dt = log_dt_param(rngs, (channels,), (axis,), dt_min, dt_max)
     self.a_log = param(None, jnp.broadcast_to(jnp.log(-A.real), self.modes),
-                       self.modes, (axis, "state"))
+                       self.modes, (axis, "state"), weight_decay=False)
     self.a_imag = param(None, jnp.broadcast_to(A.imag, self.modes),
-                        self.modes, (axis, "state"))
+                        self.modes, (axis, "state"), weight_decay=False)
     self.C = complex_param(complex_normal(rngs, self.modes), (axis, "state"))
     self.D = normal_param(rngs, (channels,), (axis,))
 
@@ -223,13 +239,16 @@ class ShortConv(nnx.Module):
     self.bias = (param(rngs, fan_in_init(width), channels, axes)
                  if use_bias else None)
 
-  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+  def __call__(self, x: jax.Array, state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
     """x [B, L, *channels]; state [B, width-1, *channels] (zeros when
-    None). Returns y like x and the new state."""
+    None); segment_ids [B, L] for packed rows (taps stop at a segment
+    start; not with state). Returns y like x and the new state."""
     flat = lambda a: a.reshape(a.shape[:2] + (-1,))
     bias = None if self.bias is None else self.bias[...].reshape(-1)
     y, state = _conv1d(flat(x), self.taps[...].reshape(self.width, -1), bias,
-                       None if state is None else flat(state))
+                       None if state is None else flat(state),
+                       segment_ids=segment_ids)
     return y.reshape(x.shape), state.reshape(state.shape[:2] + x.shape[2:])
 
   def flops_per_token(self) -> float:

@@ -1,8 +1,12 @@
-"""Checkpoints: round trip, keep-last-K, and a run killed at any moment
-(mid-save included) that resumes onto the uninterrupted loss curve."""
+"""Checkpoints: round trip, keep-last-K, a run killed at any moment
+(mid-save included) that resumes onto the uninterrupted loss curve, and a
+damaged newest checkpoint that falls back to the previous one."""
 
+import glob
 import json
+import logging
 import os
+import shutil
 import random
 import signal
 import subprocess
@@ -15,7 +19,8 @@ import pytest
 
 from trainer_fixtures import (KILL_CFG, ToyIter, cache_env, compile_cache,  # noqa: F401
                               eval_batches, tiny_config)
-from train.checkpoint import Checkpointer
+from arches.validation import ConfigError
+from train.checkpoint import DAMAGED, Checkpointer
 from train.loop import train
 from train.state import build
 
@@ -98,3 +103,45 @@ def test_killed_runs_resume_onto_the_uninterrupted_curve(tmp_path, compile_cache
   assert got.keys() == ref.keys(), (seed, sorted(set(ref) ^ set(got)))
   for k in ref:
     assert abs(got[k] - ref[k]) <= 1e-6, (seed, k, got[k], ref[k])
+
+
+def _truncate_arrays(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files, os.listdir(step_dir)
+  for f in files:
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+# A failed orbax read leaves a coroutine behind that finds its event loop closed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  run_dir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  cfg = tiny_config(run_dir, **KILL_CFG)  # the kill test's programs, from the cache
+  toy = {"corpus_fingerprint": "toy"}
+  train(cfg, ToyIter(), eval_batches(), data_info=toy)
+  ref = _losses(run_dir)
+  assert sorted(os.listdir(ckpt_dir)) == ["12", "9"]
+  _truncate_arrays(os.path.join(ckpt_dir, "12"))
+  # and a temporary left by a save killed midway, which is never a step
+  os.makedirs(os.path.join(ckpt_dir, "15.orbax-checkpoint-tmp-1"))
+
+  with caplog.at_level(logging.WARNING, logger="mixerlab.checkpoint"):
+    train(cfg, ToyIter(), eval_batches(), data_info=toy)
+  assert "checkpoint step 12" in caplog.text and "cannot be read" in caplog.text
+  got = _losses(run_dir)  # steps 10-12 and the final eval, retrained from step 9
+  assert got.keys() == ref.keys()
+  for k in ref:
+    assert abs(got[k] - ref[k]) <= 1e-6, (k, got[k], ref[k])
+  events = [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+            if "event" in r]
+  assert [(e["step"], list(e["unreadable_checkpoints"])) for e in events] == [(9, ["12"])]
+  assert [n.split(".")[0] for n in os.listdir(os.path.join(run_dir, DAMAGED))] == ["12"]
+  assert sorted(os.listdir(ckpt_dir)) == ["12", "9"]
+
+  # With no readable checkpoint left: a clear error, and nothing moved.
+  _truncate_arrays(os.path.join(ckpt_dir, "12"))
+  shutil.rmtree(os.path.join(ckpt_dir, "9", "state"))
+  with pytest.raises(ConfigError, match="no checkpoint in .* can be read: step 12: .*; step 9"):
+    train(cfg, ToyIter(), eval_batches(), data_info=toy)
+  assert sorted(os.listdir(ckpt_dir)) == ["12", "9"]

@@ -4,9 +4,11 @@ import os
 
 import pytest
 
+from arches.lm import LMConfig
+from arches.validation import ConfigError
 from layers import mixers
 from train import configs
-from train.config import Config
+from train.config import Config, MeshConfig, TrainConfig
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -58,7 +60,7 @@ def test_bad_key_in_file_names_the_file(tmp_path):
 
 
 def test_bad_mixer_option_comes_from_registry():
-  with pytest.raises(ValueError, match="num_head.*Did you mean 'num_heads'"):
+  with pytest.raises(ConfigError, match="model.mixer: .*num_head.*Did you mean 'num_heads'"):
     configs.load([], ["model.mixer={name: attention, num_head: 2}"])
 
 
@@ -87,5 +89,42 @@ def test_hybrid_configs_load_when_their_mixers_are_registered():
   registered = set(mixers.names())
   for f in sorted(os.listdir(os.path.join(ROOT, "hybrids"))):
     node = configs.compose([os.path.join(ROOT, "hybrids", f)])
-    if set(node.model.mixer) <= registered:
-      assert len(set(configs.to_config(node).model.mixer)) == 2
+    # A pattern entry is a name or {name: ..., **options}.
+    names = {s if isinstance(s, str) else s["name"] for s in node.model.mixer}
+    if names <= registered:
+      specs = configs.to_config(node).model.mixer_specs()
+      assert len({name for name, _ in specs}) >= 2, f"{f} is not a hybrid"
+
+
+def test_defaults_and_every_config_file_are_valid():
+  assert Config() == configs.load([])
+  for sub in ("", "tasks"):
+    folder = os.path.join(ROOT, sub)
+    for f in sorted(os.listdir(folder)):
+      if f.endswith(".yaml"):
+        configs.load(os.path.join(folder, f))
+
+
+def test_direct_construction_checks_types_and_values():
+  with pytest.raises(ConfigError, match="train.steps='3' must be int, not str"):
+    TrainConfig(steps="3")
+  with pytest.raises(ConfigError, match=r"train.eval_lengths=\(1, 0\) must be a list of values >= 1"):
+    TrainConfig(eval_lengths=(1, 0))
+  with pytest.raises(ConfigError, match="mesh.rules: sharding rule 'embed' -> 'model'"):
+    MeshConfig(rules={"embed": "model"})
+  with pytest.raises(ConfigError, match=r"model.logit_softcap=-1.0 must be null or > 0"):
+    LMConfig(logit_softcap=-1.0)
+
+
+def test_errors_say_which_file_set_the_bad_value(tmp_path):
+  base = write(tmp_path, "base.yaml", "train: {steps: 0}\n")
+  mqar = write(tmp_path, "mqar.yaml", "data: {task: mqar, num_kv_pairs: 8, seq_len: 64}\n")
+  with pytest.raises(ConfigError, match=r"^.*base\.yaml: train\.steps=0 must be >= 1$"):
+    configs.load(base)
+  # A rule across keys set in different places names each key's source.
+  with pytest.raises(ConfigError, match=r"data\.seq_len from command-line override; "
+                     r"data\.num_kv_pairs from .*mqar\.yaml: mqar: data\.seq_len=16"):
+    configs.load(mqar, ["data.seq_len=16"])
+  with pytest.raises(ConfigError, match=r"model\.vocab_size from command-line override; "
+                     r"data\.task from the defaults: model\.vocab_size=16 is smaller"):
+    configs.load([], ["model.vocab_size=16"])

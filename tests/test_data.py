@@ -297,7 +297,7 @@ def test_resume_is_exact(cfg, prefetch, corpus_dir):
      "the train split of .* seq_len\\+1 = 65"),
     (lambda root: DataConfig(val_fraction=1.0), "val_fraction=1.0"),
     (lambda root: DataConfig(vocab_size=512), "byte-level"),
-    (lambda root: DataConfig(task="copy"), "data.task='copy' not in"),
+    (lambda root: DataConfig(task="copy"), "data.task='copy' must be one of text, mqar"),
     (lambda root: DataConfig(task="mqar", pack=True), "pack=True is for the text task"),
     (lambda root: DataConfig(task="mqar", seq_len=30, num_kv_pairs=8),
      r"seq_len=30 must be >= 4 \* num_kv_pairs = 32"),

@@ -8,6 +8,7 @@ from flax import nnx
 
 from layers import mixers, positions
 from layers.kernels.linear_attention import LINEAR_ATTENTION, causal_linear_attention
+from layers.mixers.based import taylor_features
 from layers.mixers.performer import RandomFeatures
 from layers.registry import OptionError
 from mixer_contract import full, rel_err
@@ -92,7 +93,7 @@ def test_kernel_forms_match_recurrence(kind):
 L_MIX = 13
 # Small options so the equations bind at tiny shapes: a window shorter than
 # the sequence, chunks that do not divide it.
-OPTIONS = {"performer": {"num_features": 16}, "based": {"window": 4}}
+OPTIONS = {"performer": {"num_features": 16}, "based": {"feature_dim": 3}}
 
 
 def causal(L):
@@ -154,18 +155,11 @@ def naive_gla(m, x):
 
 
 def naive_based(m, x):
+  """Softmax-free attention with weights 1 + q.k/sqrt(F) + (q.k)^2/(2F)."""
   L, F = x.shape[1], m.key_dim
   s = scores(m.q(x), m.k(x))
-  linear = normalized((1 + s / np.sqrt(F) + s * s / (2 * F)) * causal(L), m.v(x))
-  pos = jnp.broadcast_to(jnp.arange(L), x.shape[:2])
-  q = m.position.queries(m.local.q(x), pos)
-  k = m.position.keys(m.local.k(x), pos)
-  n = np.arange(L)
-  band = causal(L) & (n[:, None] - n[None, :] < m.window)
-  logits = np.where(band, scores(q, k) / np.sqrt(m.head_dim), -np.inf)
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  local = normalized(p, m.local.v(x))
-  return m.o(linear) + m.local.o(local)
+  return m.o(normalized((1 + s / np.sqrt(F) + s * s / (2 * F)) * causal(L),
+                        m.v(x)))
 
 
 NAIVE = {"linear_attention": naive_linear_attention,
@@ -186,6 +180,24 @@ def test_mixer_forms_agree_and_match_equation(name):
   for form, y in ys.items():
     assert rel_err(y, want) <= RTOL, (form, rel_err(y, want))
     assert rel_err(y, ys["chunked"]) <= RTOL, (form, rel_err(y, ys["chunked"]))
+
+
+class MisscaledBased(mixers.REGISTRY.get("based")):
+  """Planted bug: the square term of phi weighs (q.k)^2 / F, not / (2F)."""
+
+  def mix(self, x, pos, segment_ids, state):
+    F = self.key_dim
+    phi = lambda z: taylor_features(z).at[..., 1 + F:].multiply(np.sqrt(2.0))
+    o, state = self.attend(phi(self.q(x)), phi(self.k(x)), self.v(x),
+                           segment_ids, state)
+    return self.o(o), state
+
+
+def test_based_equation_check_catches_a_misscaled_feature_map():
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((B, L_MIX, 32)),
+                  jnp.float32)
+  m = MisscaledBased(32, rngs=nnx.Rngs(0), **OPTIONS["based"])
+  assert rel_err(full(m, x), naive_based(m, x)) > 100 * RTOL
 
 
 def test_chunk_size_does_not_change_outputs():
@@ -267,7 +279,7 @@ def test_xpos_matches_rope_at_equal_positions_and_decays_with_distance():
     ("retnet", {"chunk_size": 0}, "chunk_size"),
     ("gla", {"gate_temperature": 0.0}, "gate_temperature"),
     ("performer", {"num_features": 0}, "num_features"),
-    ("based", {"window": 0}, "window"),
+    ("based", {"feature_dim": 0}, "feature_dim"),
     ("retnet", {"position": {"name": "xpos", "scale_base": -1.0}}, "scale_base"),
 ])
 def test_bad_options_name_the_problem(name, options, match):

@@ -99,7 +99,7 @@ def test_hybrid_pattern_cycles_over_depth():
 def test_bad_config_errors_name_the_problem():
   with pytest.raises(ValueError, match="attention"):
     LMConfig(mixer="atention")
-  with pytest.raises(TypeError, match="num_heads"):
+  with pytest.raises(ValueError, match="num_heads"):
     LMConfig(mixer={"name": "attention", "num_heads": "4"})
   with pytest.raises(ValueError, match="swiglu"):
     LMConfig(channel="swiglo")

@@ -78,12 +78,12 @@ def test_expert_parallel_meshes_match_one_device(compile_cache):
       assert abs(a - b) <= 1e-5, (name, one, res[name])
     assert abs(res[name]["dropped"] - one["dropped"]) <= 1e-6
     assert res[name]["all_to_all"], name
-  assert "MeshConfig.expert=8 does not divide the num_experts=4" in res["error"]
+  assert "mesh.expert=8 does not divide the num_experts=4" in res["error"]
 
 
 def test_expert_axis_errors_come_before_anything_runs():
   cfg = moe_config(MeshConfig())
-  with pytest.raises(ValueError, match=r"MeshConfig.expert=3 does not divide the "
+  with pytest.raises(ValueError, match=r"mesh.expert=3 does not divide the "
                      r"num_experts=4 of the moe layer 1"):
     check_expert_parallel(cfg.model, 3)
   dropless = dataclasses.replace(cfg.model, channel=["swiglu", {**MOE, "dispatch": "dropless"}])

@@ -170,39 +170,83 @@ def test_strided(pattern, stride, summary, pieces, position):
   check(m, x, finish(m, o), pieces)
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi"])
-def test_bigbird(position):
-  b, w, g, r = 3, 1, 1, 2
-  m = build("bigbird", block_size=b, window=w, global_blocks=g,
-            random_blocks=r, position=position)
-  x = inputs()
+# Jitted: one compile per shape rather than one per op of the draw.
+draw_random_blocks = jax.jit(random_blocks, static_argnums=(4, 5))
+
+
+def bigbird_oracle(m, x):
+  """Dense softmax over each head's BigBird blocks, the random ones drawn
+  per head by `random_blocks`."""
+  b, w, g, r, H = (m.block, m.window, m.global_blocks, m.random_blocks,
+                   m.num_heads)
   _, q, k, v = projected(m, x)
-  nb = -(-LENGTH // b)
+  nb = -(-x.shape[1] // b)
   qb = jnp.arange(nb)
-  rand = np.asarray(random_blocks(m.pattern_key[...], qb, g, qb - w, r))
-  allowed = np.zeros((nb, nb), bool)
-  for i in range(nb):
-    allowed[i, :g] = True
-    allowed[i, max(i - w, 0):i + 1] = True
-    allowed[i, rand[i][rand[i] >= 0]] = True
+  rand = np.asarray(draw_random_blocks(m.pattern_key[...], qb, g, qb - w, r, H))
+  allowed = np.zeros((H, nb, nb), bool)
+  for h in range(H):
+    for i in range(nb):
+      allowed[h, i, :g] = True
+      allowed[h, i, max(i - w, 0):i + 1] = True
+      allowed[h, i, rand[h, i][rand[h, i] >= 0]] = True
   assert (rand >= 0).sum() > 0, "no random block was exercised"
-  t, s = grid()
-  o, _ = dense(q, k, v, (s <= t) & allowed[t // b, s // b], bias=position_bias(m))
-  check(m, x, finish(m, o), pieces=position == "alibi")  # the step's bias path
+  t, s = grid(x.shape[1])
+  o, _ = dense(q, k, v, (s <= t) & allowed[:, t // b, s // b],
+               bias=position_bias(m, length=x.shape[1]))
+  return finish(m, o)
 
 
-def test_random_blocks_are_distinct_in_range_and_seeded():
+BIGBIRD = {"block_size": 3, "window": 1, "global_blocks": 1, "random_blocks": 2}
+
+
+@pytest.mark.parametrize("position,num_kv_heads", [("rope", None), ("alibi", 2)])
+def test_bigbird(position, num_kv_heads):
+  m = build("bigbird", position=position, num_kv_heads=num_kv_heads, **BIGBIRD)
+  x = inputs()
+  # the step's bias path, and per-head tables over grouped kv heads
+  check(m, x, bigbird_oracle(m, x), pieces=position == "alibi")
+
+
+def test_bigbird_heads_read_different_random_blocks():
+  m = build("bigbird", **BIGBIRD)
+  table = np.asarray(m.table(jnp.arange(8)))  # [H, Q, N]
+  assert table.shape[0] == m.num_heads
+  assert all((table[0] != table[h]).any() for h in range(1, m.num_heads)), (
+      "some heads share their random blocks")
+
+
+class SharedTableBigBird(mixers.REGISTRY.get("bigbird")):
+  """Planted bug: head 0's random blocks used by every head."""
+
+  def table(self, qb):
+    t = super().table(qb)
+    return jnp.broadcast_to(t[:1], t.shape)
+
+
+def test_bigbird_oracle_catches_one_table_for_all_heads():
+  m = SharedTableBigBird(D, rngs=nnx.Rngs(0), **BIGBIRD)
+  x = inputs()
+  with pytest.raises(AssertionError, match="oracle"):
+    check(m, x, bigbird_oracle(m, x), pieces=False)
+
+
+def test_random_blocks_are_distinct_in_range_seeded_and_per_head():
   qb = jnp.arange(40)
-  lo, hi, r = 2, qb - 1, 3
-  a = np.asarray(random_blocks(jax.random.key_data(jax.random.key(0)), qb, lo, hi, r))
-  b = np.asarray(random_blocks(jax.random.key_data(jax.random.key(1)), qb, lo, hi, r))
-  for i, row in enumerate(a):
-    got = row[row >= 0]
-    assert len(got) == min(r, max(int(hi[i]) - lo, 0)), (i, row)
-    assert len(set(got)) == len(got) and all(lo <= got) and all(got < hi[i])
-  np.testing.assert_array_equal(
-      a, random_blocks(jax.random.key_data(jax.random.key(0)), qb, lo, hi, r))
+  lo, hi, r, H = 2, qb - 1, 3, 2
+  draw = lambda seed, n=40: np.asarray(draw_random_blocks(
+      jax.random.key_data(jax.random.key(seed)), qb[-n:], lo, hi[-n:], r, H))
+  a, b = draw(0), draw(1)
+  assert a.shape == (H, 40, r)
+  for h in range(H):
+    for i, row in enumerate(a[h]):
+      got = row[row >= 0]
+      assert len(got) == min(r, max(int(hi[i]) - lo, 0)), (h, i, row)
+      assert len(set(got)) == len(got) and all(lo <= got) and all(got < hi[i])
+  np.testing.assert_array_equal(a, draw(0))
   assert (a != b).any(), "the seed does not change the pattern"
+  assert (a[0] != a[1]).any(), "the heads draw the same blocks"
+  # A query block's draw depends on (key, head, block) only.
+  np.testing.assert_array_equal(draw(0, n=10), a[:, 30:])
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi"])

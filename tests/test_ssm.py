@@ -9,8 +9,8 @@ from flax import nnx
 
 from layers import mixers
 from layers.kernels.fftconv import causal_conv, conv_rows
-from layers.kernels.ssm import (diag_scan, discretize_diag, dplr_kernel,
-                                vandermonde_kernel)
+from layers.kernels.ssm import (bilinear_conj_dplr, diag_scan, discretize_diag,
+                                dplr_kernel, vandermonde_kernel)
 from layers.mixers.dss import inv_geometric_sum
 from layers.ssm import ShortConv, hippo_legs_nplr, s4d_eigenvalues
 
@@ -61,6 +61,33 @@ def naive_diag_ssm(Abar, Bbar, C, u):
     x = Abar * x + Bbar * u[:, t, ..., None]
     ys.append(2 * np.sum(C * x, -1).real)
   return np.stack(ys, 1)
+
+
+def bilinear_np(A, b, dt):
+  """Bilinear discretization per channel by dense solves, float64:
+  A [..., N, N], b [..., N] (broadcast over dt [H]) -> Abar, Bbar."""
+  h = 0.5 * np.asarray(dt)[:, None, None]
+  eye = np.eye(A.shape[-1])
+  M = eye - h * A
+  Abar = np.linalg.solve(M, eye + h * A)
+  b = np.broadcast_to(b, Abar.shape[:-1])
+  return Abar, np.linalg.solve(M, 2 * h * b[..., None])[..., 0]
+
+
+def dplr_np(Lambda, P):
+  """diag(Lambda) - P P^*: [..., N] -> [..., N, N]."""
+  return (np.eye(Lambda.shape[-1]) * Lambda[..., None]
+          - P[..., :, None] * P[..., None, :].conj())
+
+
+def lti_kernel(Abar, Bbar, c, length):
+  """K_l = c Abar^l Bbar per channel: Abar [H, N, N], Bbar, c [H, N] ->
+  [length, H], float64 loops."""
+  out, x = [], Bbar
+  for _ in range(length):
+    out.append(np.sum(c * x, -1))
+    x = np.einsum("hmn,hn->hm", Abar, x)
+  return np.stack(out)
 
 
 # -- kernels ------------------------------------------------------------------
@@ -200,27 +227,29 @@ def test_hippo_nplr_reconstructs_legs():
   np.testing.assert_allclose(Lambda.real, -0.5)
   np.testing.assert_allclose(V.conj().T @ P, p)
   np.testing.assert_allclose(V.conj().T @ np.sqrt(2 * n + 1), b)
+  clipped = hippo_legs_nplr(N, b_clip=2.0)[2]       # as the S4 code's nplr
+  np.testing.assert_allclose(clipped.real, b.real)
+  np.testing.assert_allclose(clipped.imag, np.clip(b.imag, -2, 2))
+  assert np.abs(b.imag).max() > 2                   # so the clip acts
 
 
 def test_s4_kernels_match_naive_dplr_recurrence():
+  """Random N/2 modes: both kernels are the full N-state system over the
+  modes and their conjugates, A = diag(Lambda_f) - P_f P_f^*, whose
+  rank-one term couples the halves."""
   r = rng(6)
-  H, N = 3, 6
-  Lam = -np.exp(r.uniform(-1, 0.5, (H, N))) + 1j * r.uniform(0, 8, (H, N))
-  P, Bv, C = cnormal(r, (H, N), 0.5), cnormal(r, (H, N)), cnormal(r, (H, N))
+  H, n = 3, 6
+  Lam = -np.exp(r.uniform(-1, 0.5, (H, n))) + 1j * r.uniform(0, 8, (H, n))
+  P, Bv, C = cnormal(r, (H, n), 0.5), cnormal(r, (H, n)), cnormal(r, (H, n))
   dt = np.exp(r.uniform(np.log(0.05), np.log(0.5), H))
-  A = (np.eye(N) * Lam[..., None]) - P[..., :, None] * P[..., None, :].conj()
-  eye = np.eye(N)
-  M = eye - 0.5 * dt[:, None, None] * A
-  Abar = np.linalg.solve(M, eye + 0.5 * dt[:, None, None] * A)
-  Bbar = np.linalg.solve(M, (dt[:, None] * Bv)[..., None])[..., 0]
-  ref, x = [], Bbar
-  for _ in range(L):
-    ref.append(2 * np.sum(C * x, -1).real)
-    x = np.einsum("hmn,hn->hm", Abar, x)
+  full = lambda v: np.concatenate([v, v.conj()], -1)
+  Abar, Bbar = bilinear_np(dplr_np(full(Lam), full(P)), full(Bv), dt)
+  ref = lti_kernel(Abar, Bbar, full(C), L)
+  assert np.abs(ref.imag).max() < 1e-12 * np.abs(ref).max()   # a real system
   args = [jnp.asarray(v, jnp.complex64) for v in (Lam, P, Bv, C)]
   dt32 = jnp.asarray(dt, jnp.float32)
   for kernel in ("cauchy", "dense"):
-    assert rel(dplr_kernel(*args, dt32, L, kernel), np.stack(ref)) < 2e-5, kernel
+    assert rel(dplr_kernel(*args, dt32, L, kernel), ref.real) < 2e-5, kernel
 
 
 def test_s4_full_matches_recurrence():
@@ -232,6 +261,90 @@ def test_s4_full_matches_recurrence():
   assert rel(m.core(u), y) < 5e-5
   m.core.dplr_kernel = "dense"
   assert rel(m.core(u), y) < 1e-5
+
+
+# -- S4 against HiPPO-LegS, written out here ------------------------------------
+
+
+def legs(N):
+  """The real HiPPO-LegS A [N, N] and b [N] (S4 paper, eq. (2)), float64,
+  entry by entry."""
+  A = np.zeros((N, N))
+  for n in range(N):
+    A[n, n] = -(n + 1.0)
+    for k in range(n):
+      A[n, k] = -np.sqrt(2 * n + 1.0) * np.sqrt(2 * k + 1.0)
+  return A, np.sqrt(2 * np.arange(N) + 1.0)
+
+
+def legs_basis(core):
+  """The eigenvectors V [N, N/2] of LegS's normal part A + p p^T (p_n =
+  sqrt(n + 1/2)) in which the S4 core's parameters are written: by
+  np.linalg.eig (not the layer's eigh), the modes in the core's order,
+  each column's phase (free in any eigensolver) fixed by V^* p = P."""
+  H, n = pair(core.P).shape
+  A, _ = legs(2 * n)
+  p = np.sqrt(np.arange(2 * n) + 0.5)
+  lam, V = np.linalg.eig(A + np.outer(p, p))
+  Lambda = -np.exp(f64(core.lambda_log_re)) + 1j * f64(core.lambda_im)
+  mode = np.abs(lam[:, None] - Lambda[0]).argmin(0)
+  np.testing.assert_allclose(Lambda, np.broadcast_to(lam[mode], (H, n)), rtol=1e-6)
+  V = V[:, mode]
+  w = (V.conj().T @ p) / pair(core.P)[0]
+  np.testing.assert_allclose(np.abs(w), 1.0, rtol=1e-5)
+  return V * (w / np.abs(w))
+
+
+def legs_system(core, b_clip):
+  """LegS discretized bilinearly with the core's dt (Abar [H, N, N], Bbar
+  [H, N]) and the core's C as the real output row c [H, N]; b with
+  Im(V^* b) clipped to +-b_clip when given, as the S4 code's init does."""
+  V = legs_basis(core)
+  A, b = legs(2 * V.shape[1])
+  if b_clip is not None:
+    Bm = V.conj().T @ b
+    b = 2 * (V @ (Bm.real + 1j * np.clip(Bm.imag, -b_clip, b_clip))).real
+  c = 2 * (pair(core.C) @ V.conj().T).real        # C_f V_f^*, real
+  return (*bilinear_np(A, b, np.exp(f64(core.log_dt))), c)
+
+
+def half_system_kernel(core, length):
+  """The S4 kernel as the earlier code had it, planted: the N/2 kept modes
+  with their own rank-one term, A = diag(Lambda) - P P^*, uncoupled from
+  the conjugate half."""
+  Lambda = -np.exp(f64(core.lambda_log_re)) + 1j * f64(core.lambda_im)
+  P, Bv, C = pair(core.P), pair(core.B), pair(core.C)
+  Abar, Bbar = bilinear_np(dplr_np(Lambda, P), Bv, np.exp(f64(core.log_dt)))
+  return 2 * lti_kernel(Abar, Bbar, C, length).real
+
+
+@pytest.mark.parametrize("b_clip", [None, 2.0])
+def test_s4_is_hippo_legs_at_init(b_clip):
+  """At init the S4 mixer's kernels (both algorithms) and recurrence are
+  the real N x N LegS SSM's, paper sizes (N = 64, dt in [1e-3, 1e-1]);
+  the earlier half-system kernel (planted) is far from it."""
+  m = mixers.build("s4", D, rngs=nnx.Rngs(0), b_clip=b_clip)
+  Abar, Bbar, c = legs_system(m.core, b_clip)
+  ref = lti_kernel(Abar, Bbar, c, L)
+  for kernel in ("cauchy", "dense"):
+    assert rel(dplr_kernel(*m.core.matrices(), L, kernel), ref) < 1e-5, kernel
+  u = rng(13).standard_normal((B, L, D))
+  y, _ = m.core.step(jnp.asarray(u, jnp.float32), m.core.init_state((B,)))
+  assert rel(y, naive_conv(u, ref) + f64(m.core.D) * u) < 1e-5
+  assert rel(half_system_kernel(m.core, L), ref) > 0.1
+
+
+def test_s4_slowest_mode_decays_like_legs():
+  """LegS's spectrum is -1, ..., -N; the S4 layer's discretized Abar,
+  mapped back through the bilinear transform, has its slowest mode at -1
+  (the earlier half system's was at -0.52)."""
+  core = mixers.build("s4", D, rngs=nnx.Rngs(0)).core
+  Lambda, P, Bv, _, dt = core.matrices()
+  mu = np.linalg.eigvals(np.asarray(bilinear_conj_dplr(dt, Lambda, P, Bv)[0],
+                                    np.float64))              # [H, N]
+  dt = np.asarray(dt, np.float64)[:, None]
+  slowest = ((2 / dt) * (mu - 1) / (mu + 1)).real.max(-1)
+  np.testing.assert_allclose(slowest, -1.0, atol=1e-2)
 
 
 # -- DSS ----------------------------------------------------------------------
@@ -358,6 +471,7 @@ def test_hyena_filter_is_defined_for_any_length():
     ("s4d", {"kernel": "cuda"}, "kernel"),
     ("s4d", {"dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
     ("s4", {"dplr_kernel": "woodbury"}, "dplr_kernel"),
+    ("s4", {"b_clip": 0.0}, "b_clip"),
     ("dss", {"norm_len": 0}, "norm_len"),
     ("s5", {"kernel": "parallel"}, "diag_scan"),
     ("s5", {"discretization": "foh"}, "discretization"),
@@ -377,10 +491,7 @@ def test_bilinear_dplr_matches_dense_solve():
   Lam = -np.exp(r.standard_normal((H, N))) + 1j * r.standard_normal((H, N))
   P, Bv = cnormal(r, (H, N)), cnormal(r, (H, N))
   dt = np.exp(r.uniform(np.log(1e-3), np.log(0.5), H))
-  A = np.eye(N) * Lam[..., None] - P[..., :, None] * P[..., None, :].conj()
-  M = np.eye(N) - 0.5 * dt[:, None, None] * A
-  Abar_ref = np.linalg.solve(M, np.eye(N) + 0.5 * dt[:, None, None] * A)
-  Bbar_ref = np.linalg.solve(M, (dt[:, None] * Bv)[..., None])[..., 0]
+  Abar_ref, Bbar_ref = bilinear_np(dplr_np(Lam, P), Bv, dt)
   c64 = lambda a: jnp.asarray(a, jnp.complex64)
   Abar, Bbar = bilinear_dplr(jnp.asarray(dt, jnp.float32), c64(Lam), c64(P), c64(Bv))
   assert rel(Abar, Abar_ref) < 1e-5 and rel(Bbar, Bbar_ref) < 1e-5

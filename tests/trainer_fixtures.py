@@ -62,9 +62,11 @@ def eval_batches(batch_size: int = BATCH, n: int = 2) -> list[dict]:
 
 
 def tiny_config(run_dir: str, **train) -> Config:
-  opts = dict(steps=8, batch_size=BATCH, eval_every=0, log_every=1,
-              checkpoint_every=0, eval_batches=2, run_dir=run_dir)
+  """Evaluates and checkpoints at the last step only, unless told otherwise."""
+  opts = dict(steps=8, batch_size=BATCH, log_every=1, eval_batches=2, run_dir=run_dir)
   opts.update(train)
+  opts.setdefault("eval_every", opts["steps"])
+  opts.setdefault("checkpoint_every", opts["steps"])
   return Config(model=LMConfig(vocab_size=VOCAB, d_model=32, n_layers=2),
                 data=DataConfig(task="selective_copy", seq_len=SEQ, vocab_size=VOCAB),
                 optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2),

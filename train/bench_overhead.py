@@ -103,7 +103,7 @@ def trainer_loop(cfg: Config, host: dict, run_dir: str):
   """Yields run(steps) -> (wall, cpu) seconds per step of `Trainer.fit`,
   the trainer's own loop, continuing one run chunk by chunk."""
   trainer = Trainer(cfg, RepeatBatch(host), [host])
-  state, done = trainer.restore_or_init()
+  state, done, _ = trainer.restore_or_init()
   log = RunLog(run_dir, start_step=0, total_steps=cfg.train.steps)
   carry = [state, done]
 
@@ -128,8 +128,9 @@ def bench_config(args, total_steps: int) -> Config:
                      dtype=args.dtype),
       data=DataConfig(task="text", seq_len=args.seq_len),
       optimizer=OptimizerConfig(warmup_steps=2),
-      train=TrainConfig(steps=total_steps, batch_size=args.batch_size, eval_every=0,
-                        eval_batches=1, log_every=total_steps, checkpoint_every=0))
+      train=TrainConfig(steps=total_steps, batch_size=args.batch_size,
+                        eval_every=total_steps, eval_batches=1, log_every=total_steps,
+                        checkpoint_every=total_steps))
 
 
 def main(argv=None) -> dict:

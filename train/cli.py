@@ -9,13 +9,20 @@
 
 Trailing `key=value` arguments override config keys (train.configs). The
 work happens in train.loop, train.sweep and train.bench; this module only
-parses arguments.
+parses arguments and reports errors.
+
+A user error (`ConfigError`: a bad config value, a missing or malformed
+file; an OS error on a user path) prints one `mixerlab CMD: error: ...`
+line and exits with 2, as argparse does; `--debug` (or MIXERLAB_DEBUG=1)
+shows its traceback instead. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -39,7 +46,7 @@ def _load(args) -> "configs.Config":
 def cmd_train(args) -> int:
   cfg = _load(args)  # config errors first, before the trainer's heavy imports
   from train import loop
-  print(f"run dir: {cfg.train.run_dir}  (config: {configs.save(cfg, cfg.train.run_dir)})")
+  print(f"run dir: {cfg.train.run_dir}")  # the trainer writes its config.yaml
   print(json.dumps(loop.run(cfg), indent=1, default=str))
   return 0
 
@@ -59,9 +66,12 @@ def cmd_sweep(args) -> int:
   out = args.out or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
   if args.skip is None:  # the supervisor: the runs happen in child processes
+    for v in sw.variants:  # a bad run config fails here too, in one line
+      sw.config(v, args.overrides)
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
               "--out", out, *(["--best-lr"] if args.best_lr else []),
-              *(["--retry-failed"] if args.retry_failed else []), *args.overrides]
+              *(["--retry-failed"] if args.retry_failed else []),
+              *(["--debug"] if args.debug else []), *args.overrides]
     return sweep.supervise(worker, out, sw.timeout_s)
   sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
@@ -93,6 +103,8 @@ def _bench_flags(p: argparse.ArgumentParser, spec_class):
 
 
 def cmd_bench(args) -> int:
+  from arches.lm import normalize_spec
+  from layers import mixers
   from train import bench
   fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchSpec)}
   config_args = [a for c in args.config for a in ("--config", c)] + args.overrides
@@ -101,7 +113,12 @@ def cmd_bench(args) -> int:
     specs = {json.dumps({"name": n, **o}, sort_keys=True) for n, o in cfg.model.mixer_specs()}
     fields.update(mixers=tuple(json.loads(s) for s in sorted(specs)),
                   d_model=cfg.model.d_model, dtype=cfg.model.dtype)
-  spec = bench.BenchSpec(**fields)
+  try:  # BenchSpec's checks and the registry's are those of the flags
+    spec = bench.BenchSpec(**fields)
+    for m in spec.mixers:
+      normalize_spec(m, mixers.REGISTRY)
+  except (TypeError, ValueError) as e:
+    raise configs.ConfigError(f"bench: {e}") from None
   cmd = bench.command(spec, config_args)
   print(cmd)
   bench.run(spec, cmd)
@@ -127,16 +144,28 @@ def cmd_mixers(args) -> int:
   return 0
 
 
+def positive(text: str) -> int:
+  """An int >= 1 (argparse names this function in its error)."""
+  value = int(text)
+  if value < 1:
+    raise ValueError(text)
+  return value
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mixerlab", description=__doc__.split("\n\n")[0])
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--debug", action="store_true",
+                      help="show the traceback of a user error (or MIXERLAB_DEBUG=1)")
   sub = p.add_subparsers(dest="command", required=True)
-  s = sub.add_parser("train", help="train one model from config files")
+  add = functools.partial(sub.add_parser, parents=[common])
+  s = add("train", help="train one model from config files")
   _config_args(s, True, "config file")
   s.set_defaults(func=cmd_train)
-  s = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+  s = add("eval", help="evaluate a run's latest checkpoint")
   _config_args(s, True, "config file (e.g. a run's config.yaml)")
   s.set_defaults(func=cmd_eval)
-  s = sub.add_parser("sweep", help="run a sweep file; resumable; writes tables and plots")
+  s = add("sweep", help="run a sweep file; resumable; writes tables and plots")
   s.add_argument("--config", required=True, metavar="PATH",
                  help="the sweep file (see train/sweep.py)")
   s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -148,30 +177,38 @@ def parser() -> argparse.ArgumentParser:
                  help="run failed runs again (finished ones are always kept)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   s.set_defaults(func=cmd_sweep)
-  s = sub.add_parser("bench", help="time/memory vs sequence length, decode vs context")
+  s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
   from train.bench import BenchSpec
   _bench_flags(s, BenchSpec)
   s.set_defaults(func=cmd_bench)
-  s = sub.add_parser("bench-moe", help="MoE layer time/memory vs number of experts "
-                     "at fixed active parameters")
+  s = add("bench-moe", help="MoE layer time/memory vs number of experts at fixed "
+          "active parameters")
   from train.bench_moe import MoEBenchSpec
   _bench_flags(s, MoEBenchSpec)
   s.set_defaults(func=cmd_bench_moe)
-  s = sub.add_parser("mixers", help="list registered mixers with size and forward time")
-  s.add_argument("--d-model", type=int, default=64)
-  s.add_argument("--length", type=int, default=256)
-  s.add_argument("--batch", type=int, default=4)
+  s = add("mixers", help="list registered mixers with size and forward time")
+  s.add_argument("--d-model", type=positive, default=64)
+  s.add_argument("--length", type=positive, default=256)
+  s.add_argument("--batch", type=positive, default=4)
   s.set_defaults(func=cmd_mixers)
   return p
+
+
+# User errors: the project's ConfigError (bad values, missing or malformed
+# files), and OS errors on user paths (a run_dir on a full or read-only disk).
+USER_ERRORS = (configs.ConfigError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
     return args.func(args)
-  except configs.ConfigError as e:  # a user error: the message, not a traceback
-    print(f"mixerlab {args.command}: {e}", file=sys.stderr)
+  except USER_ERRORS as e:  # the message, not a traceback
+    if args.debug or os.environ.get("MIXERLAB_DEBUG", "") not in ("", "0"):
+      raise
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"mixerlab {args.command}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -3,6 +3,13 @@
 `Config` is what the trainer, the CLI, sweeps and notebooks pass around.
 The model section is `arches.lm.LMConfig` itself, so a model built from a
 config file and one built in a notebook are the same object.
+
+Each dataclass checks its fields when it is built (types, ranges,
+enumerations, rules across its own fields) and `Config` checks the rules
+across sections, so a `Config` that exists is valid. A bad value raises
+`ConfigError` naming the key (section.field), the value and what is
+allowed. What depends on the machine (mesh sizes and batch splits vs the
+device count) is checked where the mesh is built, before any training work.
 """
 
 from __future__ import annotations
@@ -10,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 
 from arches.lm import LMConfig
+from arches.validation import (NON_EMPTY, ConfigError, Rule, above, at_least,
+                               check_fields, each, one_of, within)
+from train import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +39,9 @@ class DataConfig:
   copy_tokens: int = 16       # selective_copy: tokens to copy
   vocab_size: int = 256       # synthetic tasks; text is bytes (256)
 
+  def __post_init__(self):
+    data.check_config(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -44,9 +57,19 @@ class OptimizerConfig:
   clip_norm: float = 1.0       # global-norm clipping; 0 turns it off
   eps: float = 1e-8           # AdamW only
 
+  def __post_init__(self):
+    from train import optim  # optim imports this module
+    unit = within(0, 1, open_hi=True)
+    check_fields(self, "optimizer", name=one_of(optim.OPTIMIZERS), lr=above(0),
+                 b1=unit, b2=unit, weight_decay=at_least(0),
+                 schedule=one_of(optim.DECAYS), warmup_steps=at_least(0),
+                 min_lr_ratio=within(0, 1), clip_norm=at_least(0), eps=above(0))
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """Intervals count steps; one longer than `steps` never fires (the last
+  step always logs, evaluates and checkpoints)."""
   steps: int = 200
   batch_size: int = 16
   grad_accum: int = 1
@@ -60,6 +83,17 @@ class TrainConfig:
   eval_lengths: tuple[int, ...] = ()  # final eval at these multiples of seq_len
   async_checkpoint: bool = True
 
+  def __post_init__(self):
+    check_fields(self, "train", steps=at_least(1), batch_size=at_least(1),
+                 grad_accum=at_least(1), eval_every=at_least(1),
+                 eval_batches=at_least(1), log_every=at_least(1),
+                 checkpoint_every=at_least(1), keep_checkpoints=at_least(1),
+                 run_dir=NON_EMPTY, seed=at_least(0), eval_lengths=each(at_least(1)))
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
+                        f"train.grad_accum={self.grad_accum} (equal micro-batches)",
+                        "train.batch_size", "train.grad_accum")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -70,6 +104,12 @@ class MeshConfig:
   rules: dict = dataclasses.field(
       default_factory=lambda: {"embed": "fsdp", "experts": "expert"})
 
+  def __post_init__(self):
+    from train import sharding  # sharding imports this module
+    check_fields(self, "mesh", fsdp=at_least(1), expert=at_least(1), data=Rule(
+        lambda v: v == -1 or v >= 1, "-1 (every device fsdp and expert leave) or >= 1"))
+    sharding.check_rules(self.rules)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -78,3 +118,8 @@ class Config:
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def __post_init__(self):
+    from train import sharding  # sharding imports this module
+    data.check_compatible(self.data, self.model)
+    sharding.check_expert_parallel(self.model, self.mesh.expert)

@@ -56,6 +56,7 @@ import grain
 import jax
 import numpy as np
 
+from arches.validation import ConfigError, above, at_least, check_fields, one_of, within
 from layers import mixers
 from train.tasks import TASKS, Rng, permutation
 
@@ -85,8 +86,9 @@ def corpus_files(path: str) -> list[Path]:
   if not path:
     files = stdlib_files()
     if not files:
-      raise ValueError(f"the embedded corpus found no {STDLIB_PATTERN} files in "
-                       f"{sysconfig.get_paths()['stdlib']}; set data.path")
+      raise ConfigError(f"data.path='': the embedded corpus found no {STDLIB_PATTERN} "
+                        f"files in {sysconfig.get_paths()['stdlib']}; set data.path",
+                        "data.path")
     return files
   root = Path(path).expanduser()
   if root.is_file():
@@ -95,16 +97,17 @@ def corpus_files(path: str) -> list[Path]:
     files = sorted(f for f in root.rglob("*") if f.is_file() and not any(
         part.startswith(".") for part in f.relative_to(root).parts))
     if not files:
-      raise ValueError(f"data.path={path!r} is a folder with no (non-hidden) files")
+      raise ConfigError(f"data.path={path!r} is a folder with no (non-hidden) files",
+                        "data.path")
     return files
   if set("*?[") & set(path):
     files = sorted(Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True)
                    if Path(f).is_file())
     if not files:
-      raise ValueError(f"data.path={path!r}: the glob matches no files")
+      raise ConfigError(f"data.path={path!r}: the glob matches no files", "data.path")
     return files
-  raise FileNotFoundError(f"data.path={path!r} does not exist; give a text file, a "
-                          "folder, a glob, or '' for the embedded corpus")
+  raise ConfigError(f"data.path={path!r} does not exist; give a text file, a folder, "
+                    "a glob, or '' for the embedded corpus", "data.path")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -138,8 +141,8 @@ def _read_corpus(stamp, source: str) -> Corpus:
     chunks.append(content)
     offset += len(content)
   if offset == 0:
-    raise ValueError(f"data.path={source!r}: the corpus is empty "
-                     f"({len(stamp)} files, 0 bytes)")
+    raise ConfigError(f"data.path={source!r}: the corpus is empty "
+                      f"({len(stamp)} files, 0 bytes)", "data.path")
   # Empty files would give empty documents; drop repeated starts.
   bounds = np.unique(np.asarray(starts + [offset], np.int64))
   return Corpus(source, len(stamp), sha.hexdigest(),
@@ -168,8 +171,9 @@ def text_splits(cfg) -> dict[str, TextSplit]:
 def _split_corpus(corpus: Corpus, val_fraction: float, seed: int) -> dict[str, TextSplit]:
   n_docs = len(corpus.doc_bounds) - 1
   if n_docs < 2:
-    raise ValueError(f"data.path={corpus.source!r} has {n_docs} document (blank-line "
-                     "separated block); the train/validation split needs at least 2")
+    raise ConfigError(f"data.path={corpus.source!r} has {n_docs} document (blank-line "
+                      "separated block); the train/validation split needs at least 2",
+                      "data.path")
   n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
   is_val_D = np.zeros(n_docs, bool)
   is_val_D[permutation((_SPLIT, seed), n_docs)[:n_val]] = True
@@ -269,15 +273,15 @@ def _text_source(cfg, split: str):
   if source.size < 1:
     need = ("a document of at least 2 bytes" if cfg.pack
             else f"seq_len+1 = {cfg.seq_len + 1} bytes")
-    raise ValueError(f"data: the {split} split of {load_corpus(cfg.path).source!r} has "
-                     f"{len(side.tokens)} bytes in {len(side.doc_bounds) - 1} documents, "
-                     f"not one example (needs {need}); use a larger corpus, another "
-                     "val_fraction or a shorter seq_len")
+    raise ConfigError(f"data: the {split} split of {load_corpus(cfg.path).source!r} has "
+                      f"{len(side.tokens)} bytes in {len(side.doc_bounds) - 1} documents, "
+                      f"not one example (needs {need}); use a larger corpus, another "
+                      "val_fraction or a shorter seq_len", "data.path", "data.seq_len",
+                      "data.val_fraction")
   return source
 
 
 def _source(cfg, split: str, seed: int):
-  check_config(cfg)
   if cfg.task == "text":
     return _text_source(cfg, split)
   return SyntheticSource(cfg, (_TRAIN, seed) if split == "train" else (_VAL, cfg.seed))
@@ -286,29 +290,28 @@ def _source(cfg, split: str, seed: int):
 # -- configuration ----------------------------------------------------------------
 
 def check_config(cfg) -> None:
-  """Raise a ValueError naming the bad DataConfig field and what is allowed."""
-  if cfg.task not in TASK_NAMES:
-    raise ValueError(f"data.task={cfg.task!r} not in {TASK_NAMES}")
-  if cfg.seq_len < 1:
-    raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 1")
-  if cfg.prefetch < 0:
-    raise ValueError(f"data.prefetch={cfg.prefetch} must be >= 0")
+  """Raise a ConfigError naming the bad DataConfig field and what is allowed
+  (`DataConfig` runs this when it is built). Whether data.path exists is
+  checked by `train.configs.load` and when the corpus is read."""
+  check_fields(cfg, "data", task=one_of(TASK_NAMES), seq_len=at_least(1),
+               val_fraction=within(0, 1, open_lo=True, open_hi=True), seed=at_least(0),
+               prefetch=at_least(0), num_kv_pairs=at_least(1), mqar_power_a=above(0),
+               copy_tokens=at_least(1), vocab_size=at_least(2))
   if cfg.task == "text":
-    if not 0 < cfg.val_fraction < 1:
-      raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
     if cfg.vocab_size != TEXT_VOCAB:
-      raise ValueError(f"data.vocab_size={cfg.vocab_size}: the text task is "
-                       f"byte-level, vocab_size must be {TEXT_VOCAB}")
+      raise ConfigError(f"data.vocab_size={cfg.vocab_size}: the text task is "
+                        f"byte-level, vocab_size must be {TEXT_VOCAB}", "data.vocab_size")
     return
   if cfg.pack:
-    raise ValueError(f"data.pack=True is for the text task, not {cfg.task!r}")
+    raise ConfigError(f"data.pack=True is for the text task, not {cfg.task!r}",
+                      "data.pack", "data.task")
   if cfg.path:
-    raise ValueError(f"data.path={cfg.path!r} is for the text task, not {cfg.task!r}")
+    raise ConfigError(f"data.path={cfg.path!r} is for the text task, not {cfg.task!r}",
+                      "data.path", "data.task")
   TASKS[cfg.task].check(cfg)
 
 
 def vocab_size_for(cfg) -> int:
-  check_config(cfg)
   return TEXT_VOCAB if cfg.task == "text" else cfg.vocab_size
 
 
@@ -317,17 +320,18 @@ def check_packing_supported(model_cfg) -> None:
   unsupported = sorted({name for name, _ in model_cfg.mixer_specs()
                         if not mixers.info(name).supports_segments})
   if unsupported:
-    raise ValueError(f"data.pack=True needs mixers that support segment_ids; "
-                     f"{unsupported} do not (info.supports_segments is False). "
-                     "Set data.pack=False or use other mixers.")
+    raise ConfigError(f"data.pack=True needs mixers that support segment_ids; "
+                      f"{unsupported} do not (info.supports_segments is False). "
+                      "Set data.pack=False or use other mixers.", "data.pack", "model.mixer")
 
 
 def check_compatible(data_cfg, model_cfg) -> None:
   """The model's vocabulary holds the data's, and packing is supported."""
   vocab = vocab_size_for(data_cfg)
   if model_cfg.vocab_size < vocab:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
-                     f"{data_cfg.task!r} data's vocabulary {vocab}")
+    raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                      f"{data_cfg.task!r} data's vocabulary {vocab}", "model.vocab_size",
+                      "data.task" if data_cfg.task == "text" else "data.vocab_size")
   if data_cfg.pack:
     check_packing_supported(model_cfg)
 
@@ -358,8 +362,8 @@ def _local_rows(batch_size: int, process_index, process_count) -> np.ndarray:
   if not 0 <= p < n:
     raise ValueError(f"process_index={p} must be in [0, process_count={n})")
   if batch_size < 1 or batch_size % n:
-    raise ValueError(f"batch_size={batch_size} (global) must be a positive multiple "
-                     f"of process_count={n}")
+    raise ConfigError(f"batch_size={batch_size} (global) must be a positive multiple "
+                      f"of process_count={n}", "train.batch_size")
   rows = batch_size // n
   return np.arange(p * rows, (p + 1) * rows)
 
@@ -445,8 +449,10 @@ def make_eval_batches(data_cfg, batch_size: int, n_batches: int, *, process_inde
   if source.size is None:
     ids = np.arange(total)
   elif total > source.size:
-    raise ValueError(f"data: {n_batches} eval batches of {batch_size} need {total} "
-                     f"examples; the validation split has {source.size}")
+    raise ConfigError(f"data: {n_batches} eval batches of {batch_size} need {total} "
+                      f"examples; the validation split has {source.size} (lower "
+                      "train.eval_batches or raise data.val_fraction)",
+                      "train.eval_batches", "data.val_fraction")
   else:
     ids = np.arange(total) * source.size // total
   return [source.batch(ids[k * batch_size + rows_b]) for k in range(n_batches)]

@@ -3,11 +3,15 @@ and returns a summary; `evaluate(cfg)` scores the latest checkpoint.
 
     summary = run(Config(model=LMConfig(d_model=64), train=TrainConfig(steps=500)))
 
-run_dir gets config.json (the resolved config), data.json (data.describe:
-task, sizes, the corpus fingerprint), metrics.jsonl, tb/ (TensorBoard), checkpoints/ and
-summary.json. Starting a run whose run_dir holds checkpoints resumes from
-the latest one: parameters, optimizer, step, rng and data position, so the
-loss curve continues as if never interrupted.
+run_dir gets config.yaml (the run record: the resolved config, written
+once the resume check has passed; `configs.load` reads it back), data.json
+(data.describe: task, sizes, the corpus fingerprint), metrics.jsonl, tb/
+(TensorBoard), checkpoints/ and summary.json. Starting a run whose run_dir
+holds checkpoints resumes from the latest readable one (train/checkpoint.py):
+parameters, optimizer, step, rng and data position, so the loss curve
+continues as if never interrupted. train/rundir.py says what may change on
+resume; the changes allowed are logged to metrics.jsonl as a "resume"
+event at the step resumed from (they apply from the next step on).
 
 The host never waits on the step it just dispatched: it pulls and ships the
 next batch, then reads the previous step's loss. Every loss is checked; a
@@ -24,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from train import data
+from train import configs, data, rundir
 from train import eval as evaluation
 from train.checkpoint import Checkpointer
 from train.config import Config
@@ -38,10 +42,6 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def config_dict(cfg: Config) -> dict:
-  out = {f.name: dataclasses.asdict(getattr(cfg, f.name))
-         for f in dataclasses.fields(cfg) if f.name != "model"}
-  return {"model": cfg.model.to_dict(), **out}
 
 
 def _write_json(path: str, obj):
@@ -77,6 +77,7 @@ class Trainer:
     self.cfg, self.tc = cfg, cfg.train
     self.setup: Setup = build(cfg)
     check_batch_shape(self.setup, self.tc.batch_size)  # before anything is written
+    rundir.check_writable(self.tc.run_dir)
     self.train_iter = train_iter
     self.eval_batches = evaluation.put_batches(eval_batches, self.setup)
     self.ckpt = Checkpointer(os.path.join(self.tc.run_dir, "checkpoints"),
@@ -93,13 +94,14 @@ class Trainer:
 
   # -- state -----------------------------------------------------------------
 
-  def restore_or_init(self) -> tuple[TrainState, int]:
-    step = self.ckpt.latest_step()
-    if step is None:
-      return self.setup.init_state(), 0
-    state, data_state = self.ckpt.restore(step, self.setup.abstract_state)
+  def restore_or_init(self) -> tuple[TrainState, int, dict[int, str]]:
+    """(state, step, {step: error} of newer checkpoints that were unreadable)."""
+    restored, skipped = self.ckpt.restore_latest(self.setup.abstract_state)
+    if restored is None:
+      return self.setup.init_state(), 0, skipped
+    step, state, data_state = restored
     self.train_iter.set_state(data_state)
-    return state, step
+    return state, step, skipped
 
   def next_batch(self) -> tuple[dict, dict]:
     """(device batch, iterator state after it: where a resume continues)."""
@@ -201,42 +203,22 @@ class Trainer:
     }
 
 
-def _check_resumable(cfg: Config):
-  """A run_dir with checkpoints of another model would fail deep in orbax;
-  say what differs instead."""
-  path = os.path.join(cfg.train.run_dir, "config.json")
-  checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
-  if not (os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-    return
-  saved = json.load(open(path))["model"]
-  now = json.loads(json.dumps(config_dict(cfg)))["model"]
-  diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-  if diff:
-    raise ValueError(f"run_dir {cfg.train.run_dir} holds checkpoints of another "
-                     f"model (model.{', model.'.join(diff)} differ); resume with "
-                     f"the same model or pick a new run_dir")
-
-
-def _check_train_config(tc):
-  if tc.eval_batches < 1 or tc.log_every < 1:
-    raise ValueError(f"TrainConfig.eval_batches and log_every must be >= 1, got "
-                     f"{tc.eval_batches} and {tc.log_every}")
-
-
 def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   """`run` with the data given: `train_iter` yields host batches (this
   process's rows) and has get_state()/set_state(); `eval_batches` is a
   list of host batches (this process's rows); `data_info` is written to
   run_dir/data.json."""
   tc = cfg.train
-  _check_train_config(tc)
-  _check_resumable(cfg)
+  changes = rundir.check_resume(cfg, data_info)
   trainer = Trainer(cfg, train_iter, eval_batches)  # checks shapes, makes run_dir
-  if jax.process_index() == 0:
-    _write_json(os.path.join(tc.run_dir, "config.json"), config_dict(cfg))
-    _write_json(os.path.join(tc.run_dir, "data.json"), data_info)
-  state, start = trainer.restore_or_init()
+  if jax.process_index() == 0:  # the run record, once the resume check passed
+    configs.save(cfg, tc.run_dir)
+    _write_json(os.path.join(tc.run_dir, rundir.DATA_RECORD), data_info)
+  state, start, skipped = trainer.restore_or_init()
   log = RunLog(tc.run_dir, start_step=start, total_steps=tc.steps)
+  if start:
+    log.write(start, {"event": "resume", "changed": changes,
+                      **({"unreadable_checkpoints": skipped} if skipped else {})})
   try:
     state = trainer.fit(state, start, log)
     final = trainer.run_eval(state, tc.steps, log)
@@ -260,7 +242,6 @@ def run(cfg: Config) -> dict:
   mfu, peak_memory_bytes, train_loss, val_loss, val_ppl, val_bpb or
   val_accuracy, eval_lengths (if asked), run_dir."""
   tc = cfg.train
-  data.check_compatible(cfg.data, cfg.model)
   train_iter = data.make_train_iter(cfg.data, tc.batch_size, seed=tc.seed)
   eval_batches = data.make_eval_batches(cfg.data, tc.batch_size // tc.grad_accum,
                                         tc.eval_batches)
@@ -268,16 +249,18 @@ def run(cfg: Config) -> dict:
 
 
 def evaluate(cfg: Config) -> dict:
-  """Validation metrics of the latest checkpoint in cfg.train.run_dir
-  (plus eval_lengths if cfg.train.eval_lengths is set)."""
+  """Validation metrics of the latest readable checkpoint in
+  cfg.train.run_dir (plus eval_lengths if cfg.train.eval_lengths is set).
+  The model must be the run record's; the data may differ."""
+  rundir.check_same_model(cfg)
   setup = build(cfg)
   directory = os.path.join(cfg.train.run_dir, "checkpoints")
   ckpt = Checkpointer(directory, keep=cfg.train.keep_checkpoints, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  state, _ = ckpt.restore(step, setup.abstract_state)
+  restored, _ = ckpt.restore_latest(setup.abstract_state)
   ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  step, state, _ = restored
   eval_step = make_eval_step(setup)
   batches = evaluation.put_batches(data.make_eval_batches(
       cfg.data, evaluation.eval_batch_size(setup), cfg.train.eval_batches), setup)

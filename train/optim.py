@@ -1,6 +1,7 @@
 """The optax optimizer from an `OptimizerConfig`: global-norm clipping, then
 AdamW or Lion with decoupled weight decay on matrices only, under a warmup +
-decay learning-rate schedule."""
+decay learning-rate schedule. `OptimizerConfig` checks its values against
+OPTIMIZERS and DECAYS when it is built."""
 
 from __future__ import annotations
 
@@ -26,11 +27,6 @@ def learning_rate(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   """lr * min(1, (step+1)/warmup) * (r + (1-r) decay(t)), t going 0 -> 1 over
   the steps after warmup, r = min_lr_ratio. The first step already moves
   (lr/warmup), rather than wasting a step at lr 0."""
-  if cfg.schedule not in DECAYS:
-    raise ValueError(f"OptimizerConfig.schedule {cfg.schedule!r} not in {sorted(DECAYS)}")
-  if cfg.warmup_steps < 0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
-    raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got "
-                     f"{cfg.warmup_steps} and {cfg.min_lr_ratio}")
   decay, warmup = DECAYS[cfg.schedule], cfg.warmup_steps
   decay_steps = max(total_steps - warmup, 1)
 
@@ -49,10 +45,14 @@ def _key_name(k) -> str:
 
 def decays(path, variable: nnx.Variable, decay_embeddings: bool) -> bool:
   """Weight decay applies to weight matrices, not to norm parameters, biases
-  or other vectors, and not to the input embedding table ("vocab", "embed")
-  unless `decay_embeddings`."""
+  or other vectors, not to parameters created with `weight_decay=False`
+  (`layers.params`: SSM dynamics, RWKV decays), and not to the input
+  embedding table ("vocab", "embed") unless `decay_embeddings`."""
   names = [_key_name(k) for k in path]
-  axes = tuple(variable.get_metadata().get("logical_axes") or ())
+  meta = variable.get_metadata()
+  axes = tuple(meta.get("logical_axes") or ())
+  if meta.get("weight_decay") is False:
+    return False
   if variable.ndim < 2 or names[-1] == "bias":
     return False
   if "norm" in axes or any("norm" in n for n in names):
@@ -84,10 +84,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
                    params: nnx.State) -> optax.GradientTransformation:
   """Clip (if clip_norm > 0), then AdamW/Lion. `params` may be abstract: only
   its paths and axis names are read, to build the weight-decay mask."""
-  if cfg.name not in OPTIMIZERS:
-    raise ValueError(f"OptimizerConfig.name {cfg.name!r} not in {sorted(OPTIMIZERS)}")
-  if cfg.clip_norm < 0:
-    raise ValueError(f"OptimizerConfig.clip_norm must be >= 0, got {cfg.clip_norm}")
   opt = OPTIMIZERS[cfg.name](cfg, learning_rate(cfg, total_steps),
                              decay_mask(params, cfg.decay_embeddings))
   if cfg.clip_norm == 0:

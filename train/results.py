@@ -8,6 +8,7 @@ stays blank.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -46,6 +47,13 @@ def mixer_label(cfg: Config) -> str:
   return "+".join(s if isinstance(s, str) else s["name"] for s in pattern)
 
 
+def lr_group(cfg: Config) -> str:
+  """The same for runs that differ only in lr (best-of-lr selection)."""
+  d = configs.to_dict(cfg)
+  del d["optimizer"]["lr"], d["train"]["run_dir"]
+  return json.dumps(d, sort_keys=True)
+
+
 def _known(x):
   """None for values that are not a measurement (absent, NaN)."""
   return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
@@ -59,9 +67,7 @@ def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
        "status": entry.get("status", ""), "error": entry.get("error", ""),
        "run_dir": cfg.train.run_dir, "labels": labels,
        "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
-       # runs that differ only in lr share a group (best-of-lr selection)
-       "group": configs.dumps(configs.replace(
-           cfg, optimizer={"lr": 0.0}, train={"run_dir": ""}))}
+       "group": lr_group(cfg)}
   r.update({k: _known(s.get(k)) for k in SUMMARY_KEYS})
   step, mem = _known(s.get("step_time_s")), _known(s.get("peak_memory_bytes"))
   r["step_time_ms"] = None if step is None else 1e3 * step

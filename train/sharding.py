@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from arches.lm import LMConfig
+from arches.validation import ConfigError
 from layers import channel
 from layers.channel.dispatch import EXPERT_AXIS
 from layers.params import AXES as LOGICAL_AXES
@@ -43,15 +44,16 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   n = len(devices)
   for name in ("fsdp", "expert"):
     size = getattr(cfg, name)
-    if size < 1 or n % size:
-      raise ValueError(f"MeshConfig.{name}={size} must be >= 1 and divide the "
-                       f"{n} available devices")
+    if n % size:
+      raise ConfigError(f"mesh.{name}={size} must be >= 1 and divide the {n} "
+                        "available devices", f"mesh.{name}")
   model = cfg.fsdp * cfg.expert
   data = n // model if cfg.data == -1 else cfg.data
-  if data < 1 or data * model > n:
-    raise ValueError(f"MeshConfig data={cfg.data} x fsdp={cfg.fsdp} x expert="
-                     f"{cfg.expert} needs {data * model} devices; {n} are "
-                     f"available (data=-1 uses all that fsdp and expert leave)")
+  if data * model > n:
+    raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} x mesh.expert="
+                      f"{cfg.expert} needs {data * model} devices; {n} are available "
+                      "(data=-1 uses all that fsdp and expert leave)",
+                      "mesh.data", "mesh.fsdp", "mesh.expert")
   grid = np.asarray(devices[:data * model], dtype=object).reshape(
       data, cfg.fsdp, cfg.expert)
   return Mesh(grid, AXES)
@@ -70,14 +72,15 @@ def check_expert_parallel(model: LMConfig, expert: int) -> None:
     opts = {k: o.default for k, o in channel.REGISTRY.options("moe").items()}
     opts.update(spec[1])
     if opts["num_experts"] % expert:
-      raise ValueError(f"MeshConfig.expert={expert} does not divide the "
-                       f"num_experts={opts['num_experts']} of the moe layer {i}; "
-                       f"the expert axis must divide every MoE layer's number "
-                       f"of experts")
+      raise ConfigError(f"mesh.expert={expert} does not divide the num_experts="
+                        f"{opts['num_experts']} of the moe layer {i}; the expert "
+                        "axis must divide every MoE layer's number of experts",
+                        "mesh.expert", "model.channel")
     if opts["dispatch"] != "capacity":
-      raise ValueError(f"MeshConfig.expert={expert} needs dispatch='capacity' "
-                       f"in the moe layer {i} (it has {opts['dispatch']!r}): "
-                       f"expert parallelism sends capacity buffers with all_to_all")
+      raise ConfigError(f"mesh.expert={expert} needs dispatch='capacity' in the "
+                        f"moe layer {i} (it has {opts['dispatch']!r}): expert "
+                        "parallelism sends capacity buffers with all_to_all",
+                        "mesh.expert", "model.channel")
 
 
 def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
@@ -99,10 +102,11 @@ def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[in
 def check_rules(rules: dict[str, str]) -> dict[str, str]:
   for name, axis in rules.items():
     if name not in LOGICAL_AXES:
-      raise ValueError(f"sharding rule {name!r} -> {axis!r}: logical axes are "
-                       f"{LOGICAL_AXES}")
+      raise ConfigError(f"mesh.rules: sharding rule {name!r} -> {axis!r}: logical "
+                        f"axes are {LOGICAL_AXES}", "mesh.rules")
     if axis not in AXES:
-      raise ValueError(f"sharding rule {name!r} -> {axis!r}: mesh axes are {AXES}")
+      raise ConfigError(f"mesh.rules: sharding rule {name!r} -> {axis!r}: mesh axes "
+                        f"are {AXES}", "mesh.rules")
   return dict(rules)
 
 

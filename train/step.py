@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from arches.validation import ConfigError
 from layers.channel.dispatch import expert_parallel
 from train.metrics import aux_metrics
 from train.optim import learning_rate
@@ -151,11 +152,10 @@ def make_eval_step(setup: Setup):
 
 
 def check_batch_shape(setup: Setup, batch_size: int):
-  """Clear errors for batch sizes the mesh or grad_accum can't split."""
+  """A clear error for a micro-batch the mesh can't split (that grad_accum
+  divides batch_size is checked when the config is built)."""
   A, n = setup.cfg.train.grad_accum, batch_divisor(setup.mesh)
-  if A < 1 or batch_size % A:
-    raise ValueError(f"TrainConfig.grad_accum={A} must be >= 1 and divide "
-                     f"batch_size={batch_size}")
   if (batch_size // A) % n:
-    raise ValueError(f"micro-batch size batch_size/grad_accum = {batch_size // A} "
-                     f"must be divisible by the {n} devices of the data x fsdp mesh")
+    raise ConfigError(f"micro-batch size train.batch_size/train.grad_accum = "
+                      f"{batch_size // A} must be divisible by the {n} devices of the "
+                      "data x fsdp mesh", "train.batch_size", "train.grad_accum")

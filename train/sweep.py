@@ -47,8 +47,6 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
-from omegaconf import OmegaConf
-
 from layers import mixers
 from train import configs, results
 from train.config import Config
@@ -138,7 +136,7 @@ SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s")
 
 
 def load(path: str) -> Sweep:
-  raw = OmegaConf.to_container(OmegaConf.load(path))
+  raw = configs.read_yaml(path, "sweep file")
   unknown = set(raw) - set(SWEEP_KEYS)
   if unknown:
     raise configs.ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; "
@@ -254,7 +252,7 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
                      # for `supervise`: which run a crashed or hung child was in
                      "pid": os.getpid(), "started": time.time()}
     _write_json(os.path.join(out, STATE), state)
-    configs.save(cfg, cfg.train.run_dir)
+    os.makedirs(cfg.train.run_dir, exist_ok=True)  # the trainer writes its config.yaml
     _attempt(cfg, run_fn, state[v.name], log)
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from arches.validation import ConfigError
+
 _MASK64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -96,9 +98,11 @@ def permutation(key: Sequence[int], n: int) -> np.ndarray:
   return Rng(key, np.zeros(1, np.int64)).subset(0, n, n)[0]
 
 
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, message: str, *keys: str) -> None:
+  """A task's rule across DataConfig fields (each field's own range is
+  checked by `train.data.check_config` first)."""
   if not ok:
-    raise ValueError(message)
+    raise ConfigError(message, *keys)
 
 
 def _empty(batch: int, length: int) -> dict[str, np.ndarray]:
@@ -111,14 +115,13 @@ def _empty(batch: int, length: int) -> dict[str, np.ndarray]:
 
 def check_mqar(cfg) -> None:
   n, L, V = cfg.num_kv_pairs, cfg.seq_len, cfg.vocab_size
-  _require(n >= 1, f"mqar: num_kv_pairs={n} must be >= 1")
-  _require(L >= 4 * n, f"mqar: seq_len={L} must be >= 4 * num_kv_pairs = {4 * n} "
+  _require(L >= 4 * n, f"mqar: data.seq_len={L} must be >= 4 * num_kv_pairs = {4 * n} "
            "(the key-value pairs take 2*num_kv_pairs tokens and each query "
-           "needs its own slot in the 2*num_kv_pairs after them)")
-  _require(V >= 2 * n + 2, f"mqar: vocab_size={V} must be >= 2 * num_kv_pairs + 2 "
+           "needs its own slot in the 2*num_kv_pairs after them)",
+           "data.seq_len", "data.num_kv_pairs")
+  _require(V >= 2 * n + 2, f"mqar: data.vocab_size={V} must be >= 2 * num_kv_pairs + 2 "
            f"= {2 * n + 2} (distinct keys from 1..vocab_size//2-1, distinct "
-           "values from the upper half)")
-  _require(cfg.mqar_power_a > 0, f"mqar: mqar_power_a={cfg.mqar_power_a} must be > 0")
+           "values from the upper half)", "data.vocab_size", "data.num_kv_pairs")
 
 
 def generate_mqar(cfg, rng: Rng) -> dict[str, np.ndarray]:
@@ -154,11 +157,11 @@ def generate_mqar(cfg, rng: Rng) -> dict[str, np.ndarray]:
 
 def check_selective_copy(cfg) -> None:
   M, L, V = cfg.copy_tokens, cfg.seq_len, cfg.vocab_size
-  _require(M >= 1, f"selective_copy: copy_tokens={M} must be >= 1")
-  _require(L >= 2 * M, f"selective_copy: seq_len={L} must be >= 2 * copy_tokens = "
-           f"{2 * M} (copy_tokens scattered in the context, then copy_tokens markers)")
-  _require(V >= 3, f"selective_copy: vocab_size={V} must be >= 3 "
-           "(blank 0, data tokens 1..vocab_size-2, marker vocab_size-1)")
+  _require(L >= 2 * M, f"selective_copy: data.seq_len={L} must be >= 2 * copy_tokens = "
+           f"{2 * M} (copy_tokens scattered in the context, then copy_tokens markers)",
+           "data.seq_len", "data.copy_tokens")
+  _require(V >= 3, f"selective_copy: data.vocab_size={V} must be >= 3 "
+           "(blank 0, data tokens 1..vocab_size-2, marker vocab_size-1)", "data.vocab_size")
 
 
 def generate_selective_copy(cfg, rng: Rng) -> dict[str, np.ndarray]:
@@ -185,9 +188,10 @@ def generate_selective_copy(cfg, rng: Rng) -> dict[str, np.ndarray]:
 
 def check_induction(cfg) -> None:
   L, V = cfg.seq_len, cfg.vocab_size
-  _require(L >= 3, f"induction: seq_len={L} must be >= 3 (trigger, target, trigger)")
-  _require(V >= 3, f"induction: vocab_size={V} must be >= 3 "
-           "(tokens 0..vocab_size-2, trigger vocab_size-1)")
+  _require(L >= 3, f"induction: data.seq_len={L} must be >= 3 (trigger, target, trigger)",
+           "data.seq_len")
+  _require(V >= 3, f"induction: data.vocab_size={V} must be >= 3 "
+           "(tokens 0..vocab_size-2, trigger vocab_size-1)", "data.vocab_size")
 
 
 def generate_induction(cfg, rng: Rng) -> dict[str, np.ndarray]:

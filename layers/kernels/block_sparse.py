@@ -4,15 +4,19 @@ key blocks.
 The shared core of the sparse-attention mixers (sliding window, sinks,
 strided, BigBird, dilated, LSH). A pattern is given as
 
-  * `table_fn(qb) -> [Q, N]` int32: for the absolute query-block indices
-    qb [Q], the key-block indices each block attends (entries outside
-    [0, number of key blocks) mean "no block"; a table must not list a
-    block twice);
+  * `table_fn(qb) -> [Q, N]` or `[H, Q, N]` int32: for the absolute
+    query-block indices qb [Q], the key-block indices each block attends,
+    one table for all heads or one per query head (entries outside [0,
+    number of key blocks) mean "no block"; a row must not list a block
+    twice). With per-head tables and grouped kv heads (G < H), each query
+    head's key blocks are gathered separately (H / G times the key
+    memory); a shared table gathers each kv head's blocks once;
   * `mask_fn(qm, km) -> bool`: the exact per-pair mask inside the gathered
     blocks, from metadata (positions, segment ids, buckets, ...). Every
     metadata leaf is [b, h, length] (b in {1, B}, h in {1, H}); the kernel
     hands the function query leaves [b, h, Q, block_q, 1] and gathered key
-    leaves [b, h, Q, 1, N * block_k], and the result must broadcast to
+    leaves [b, h, Q, 1, N * block_k] (h = H with per-head tables), and the
+    result must broadcast to
     [b, h, Q, block_q, N * block_k]. Padded keys and missing blocks are
     masked by the kernel itself.
   * `bias_fn(qm, km)` (optional): an additive fp32 score bias, same shapes.
@@ -31,7 +35,7 @@ rounds) combine exactly with `merge`.
 
 The "gather" implementation is pure JAX (it materialises the gathered key
 blocks); a Pallas kernel that reads blocks in place slots into `BLOCK_SPARSE`
-with the same signature.
+with the same signature (both table shapes included).
 """
 
 from __future__ import annotations
@@ -93,29 +97,49 @@ def gather(q, k, v, *, table_fn: Callable, mask_fn: Callable, q_meta: Meta,
   """
   B, Lq, H, K = q.shape
   S, G = k.shape[1], k.shape[2]
-  R = H // G
   scale = K ** -0.5 if scale is None else scale
   pad, qb = query_blocks(q_start, Lq, block_q)
   Q = qb.shape[0]
   table = table_fn(qb)
-  N = table.shape[1]
+  per_head = table.ndim == 3
+  if table.shape[per_head:-1] != (Q,) or (per_head and table.shape[0] != H):
+    raise ValueError(f"block_sparse: table_fn must return [Q, N] or [H, Q, N] "
+                     f"with Q={Q} query blocks and H={H} heads, got "
+                     f"{table.shape}")
+  if per_head and G < H:  # each query head reads its own kv blocks
+    k, v = jnp.repeat(k, H // G, axis=2), jnp.repeat(v, H // G, axis=2)
+    G = H
+  R = H // G
+  N = table.shape[-1]
   nK = cdiv(S, block_k)
   have = (table >= 0) & (table < nK)
   table = jnp.clip(table, 0, nK - 1)
+  # The head of each table entry, for indexing a [.., H, nK, ..] array.
+  head = jnp.arange(H)[:, None, None] if per_head else None
 
   q_QxbqxGxRxK = _place(q, 1, Q * block_q, pad).reshape(B, Q, block_q, G, R, K)
   def key_blocks(x):  # [B, S, G, K] -> [B, Q, N * block_k, G, K]
     x = _pad_to(x, 1, nK * block_k).reshape(B, nK, block_k, G, K)
-    return x[:, table].reshape(B, Q, N * block_k, G, K)
+    if per_head:  # [B, H, Q, N, block_k, K] -> [B, Q, N, block_k, H, K]
+      x = jnp.moveaxis(jnp.moveaxis(x, 3, 1)[:, head, table], 1, 4)
+    else:
+      x = x[:, table]
+    return x.reshape(B, Q, N * block_k, G, K)
   k_QxNbkxGxK, v_QxNbkxGxK = key_blocks(k), key_blocks(v)
 
+  def key_meta(m):  # [b, h, S] -> [b, h|H, Q, 1, N * block_k]
+    m = _pad_to(m, 2, nK * block_k).reshape(*m.shape[:2], nK, block_k)
+    if per_head:
+      m = jnp.broadcast_to(m, (m.shape[0], H, nK, block_k))[:, head, table]
+    else:
+      m = m[:, :, table]
+    return m.reshape(*m.shape[:2], Q, 1, N * block_k)
   qm = {n: _place(m, 2, Q * block_q, pad).reshape(*m.shape[:2], Q, block_q, 1)
         for n, m in q_meta.items()}
-  km = {n: _pad_to(m, 2, nK * block_k).reshape(*m.shape[:2], nK, block_k)
-        [:, :, table].reshape(*m.shape[:2], Q, 1, N * block_k)
-        for n, m in k_meta.items()}
-  key_idx = table[:, :, None] * block_k + jnp.arange(block_k)
-  real = (have[:, :, None] & (key_idx < S)).reshape(Q, 1, N * block_k)
+  km = {n: key_meta(m) for n, m in k_meta.items()}
+  key_idx = table[..., None] * block_k + jnp.arange(block_k)
+  real = (have[..., None] & (key_idx < S)).reshape(*table.shape[:-1], 1,
+                                                  N * block_k)
   mask = _heads(mask_fn(qm, km) & real, G, R)  # [b, G|1, R|1, Q, bq, Nbk]
 
   s = jnp.einsum("bqigrk,bqjgk->bgrqij", q_QxbqxGxRxK, k_QxNbkxGxK,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers import positions
-from layers.kernels.attention import ATTENTION
+from layers.kernels.attention import ATTENTION, attend
 from layers.mixers import register
 from layers.mixers.base import (Mixer, MixerInfo, check_room, poison_overflow,
                                 positions_for)
@@ -85,13 +85,18 @@ class Attention(Mixer):
   o_t = sum_{s<=t} softmax_s(q_t . k_s / sqrt(K)) v_s, with num_heads query
   heads sharing num_kv_heads key/value heads (MHA when equal, MQA at 1).
 
-  Cost: training O(L^2 d) time (the fused kernels keep memory O(L)); decode
-  O(L) per token with a KV cache of 2 * L * num_kv_heads * head_dim values.
+  Cost: training O(L^2 d) time, about half of it skipped by causality, and
+  O(L d) memory: the kernels (`layers.kernels.attention`) work block by
+  block, take causality, segments and ALiBi slopes as positions and ids,
+  and never build an L x L mask or score matrix; the backward recomputes
+  the scores. Decode O(L) per token over the filled part of a KV cache of
+  2 * max_len * num_kv_heads * head_dim values.
 
   Options:
     num_heads, num_kv_heads (default num_heads), head_dim (default
     d_model // num_heads); position: a scheme name or {"name": ..., **opts}
-    (see `layers.positions`); kernel: "auto" or one of
+    (see `layers.positions`; a score bias must be linear in distance, i.e.
+    the scheme has `slopes()`, as ALiBi); kernel: "auto" or one of
     `layers.kernels.attention.ATTENTION.names()`; use_bias on q/k/v;
     out_bias on the output projection.
   """
@@ -114,25 +119,29 @@ class Attention(Mixer):
     self.proj = QKVProjection(d_model, num_heads, num_kv_heads, head_dim,
                               rngs=rngs, use_bias=use_bias, out_bias=out_bias)
     self.position = build_position(position, head_dim, num_heads)
+    probe = jnp.zeros((1, 1), jnp.int32)
+    if (self.position.bias(probe, probe) is not None
+        and self.position.slopes() is None):
+      raise ValueError(
+          f"attention: position {position!r} adds a score bias that is not "
+          "-slope * distance; the attention kernels take only such a bias "
+          "(a scheme with slopes(), e.g. 'alibi')")
 
-  def attend(self, q, k, v, mask, bias):
-    impl = ATTENTION.choose(self.kernel, dtype=q.dtype, head_dim=self.head_dim)
-    return impl.fn(q, k, v, mask, bias)
+  def attend(self, q, k, v, **call):
+    """The ATTENTION op (`layers.kernels.attention_call` options)."""
+    return attend(q, k, v, kernel=self.kernel,
+                  alibi_slopes=self.position.slopes(), **call)
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
-    B, L, _ = x.shape
+    L = x.shape[1]
     q, k, v = self.proj.q(x), self.proj.k(x), self.proj.v(x)
     if cache is None:
-      if segment_ids is None:
-        pos = positions_for(x)
-        mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
-      else:
-        pos = positions.segment_positions(segment_ids)
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = (jnp.tril(jnp.ones((L, L), bool))[None] & same)[:, None]
+      pos = (positions_for(x) if segment_ids is None
+             else positions.segment_positions(segment_ids))
       q, k = self.position.queries(q, pos), self.position.keys(k, pos)
-      o = self.attend(q, k, v, mask, self.position.bias(pos, pos))
+      o = self.attend(q, k, v, q_segment_ids=segment_ids,
+                      kv_segment_ids=segment_ids)
       return self.proj.o(o)
 
     check_room(cache.pos, L, cache.max_len, "attention")
@@ -141,10 +150,9 @@ class Attention(Mixer):
     start = (0, cache.pos, 0, 0)
     k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
     v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-    k_pos = positions_for(k_all)
-    mask = (k_pos[:, None, :] <= pos[:, :, None])[:, None]  # [B,1,L,S]
-    o = self.attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask,
-                    self.position.bias(pos, k_pos))
+    # Causality from q_offset also hides the slots not yet written.
+    o = self.attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                    q_offset=cache.pos)
     y = poison_overflow(self.proj.o(o), cache.pos, L, cache.max_len)
     return y, KVCache(k_all, v_all, cache.pos + L)
 

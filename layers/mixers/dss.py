@@ -47,9 +47,9 @@ class DSSSSM(DiagonalLTI):
     self.kernel = kernel
     self.modes = (channels, state_dim // 2)
     self.lambda_re = param(None, jnp.broadcast_to(Lambda.real, self.modes),
-                           self.modes, ("embed", "state"))
+                           self.modes, ("embed", "state"), weight_decay=False)
     self.lambda_im = param(None, jnp.broadcast_to(Lambda.imag, self.modes),
-                           self.modes, ("embed", "state"))
+                           self.modes, ("embed", "state"), weight_decay=False)
     self.W = complex_param(complex_normal(rngs, self.modes), ("embed", "state"))
     self.log_dt = log_dt_param(rngs, (channels,), ("embed",), dt_min, dt_max)
     self.D = normal_param(rngs, (channels,), ("embed",))

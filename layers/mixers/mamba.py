@@ -154,8 +154,11 @@ class Mamba(Mixer):
                          ("mlp",))
     s4d_real = jnp.log(jnp.broadcast_to(
         jnp.arange(1, d_state + 1, dtype=F32), (d_inner, d_state)))
-    self.A_log = param(rngs, s4d_real, (d_inner, d_state), ("mlp", "state"))
-    self.D = param(rngs, constant_init(1.0), (d_inner,), ("mlp",))
+    # A_log and D carry _no_weight_decay in the reference.
+    self.A_log = param(rngs, s4d_real, (d_inner, d_state), ("mlp", "state"),
+                       weight_decay=False)
+    self.D = param(rngs, constant_init(1.0), (d_inner,), ("mlp",),
+                   weight_decay=False)
     self.out_proj = Dense(d_inner, d_model, in_axes=("mlp",),
                           out_axes=("embed",), rngs=rngs, use_bias=use_bias)
     norm = lambda dim: RMSNorm(dim, rngs=rngs, eps=bcdt_norm_eps) if bcdt_norm else None
@@ -284,8 +287,10 @@ class Mamba2(Mixer):
                          ("heads",))
     # Reference init: A uniform in [1, 16] per head.
     self.A_log = param(rngs, lambda key, shape, dtype: jnp.log(
-        jax.random.uniform(key, shape, dtype, 1.0, 16.0)), (heads,), ("heads",))
-    self.D = param(rngs, constant_init(1.0), (heads,), ("heads",))
+        jax.random.uniform(key, shape, dtype, 1.0, 16.0)), (heads,), ("heads",),
+        weight_decay=False)
+    self.D = param(rngs, constant_init(1.0), (heads,), ("heads",),
+                   weight_decay=False)
     self.norm = GatedRMSNorm(d_inner, n_groups, rngs=rngs, eps=norm_eps)
     self.out_proj = Dense(d_inner, d_model, in_axes=("mlp",),
                           out_axes=("embed",), rngs=rngs, use_bias=use_bias)

@@ -178,23 +178,27 @@ class RWKV6(RecurrentMixer):
     mu = jnp.stack([shift_ramp(d_model, powers[s], 0.3 * DEPTH if s == "v" else 0.0)
                     for s in SHIFTS])
     self.mu_x = param(rngs, shift_ramp(d_model, 1 - DEPTH), (d_model,), ("embed",))
-    self.mu = param(rngs, mu, (len(SHIFTS), d_model), (None, "embed"))
+    # The reference decays only ".weight" matrices: the token-shift mixes,
+    # their LoRA factors, the decay and the bonus are never decayed.
+    self.mu = param(rngs, mu, (len(SHIFTS), d_model), (None, "embed"),
+                    weight_decay=False)
     # Small random LoRA factors (the reference zero-inits one side; random
     # keeps every gradient non-zero from the first step).
     small = lambda s: lambda key, shape, dtype: jax.random.uniform(
         key, shape, dtype, -s, s)
     self.mix_a = param(rngs, small(1e-2), (d_model, len(SHIFTS), mix_rank),
-                       ("embed", None, None))
+                       ("embed", None, None), weight_decay=False)
     self.mix_b = param(rngs, small(1e-2), (len(SHIFTS), mix_rank, d_model),
-                       (None, None, "embed"))
+                       (None, None, "embed"), weight_decay=False)
     self.decay = param(rngs, (-6 + 5 * ramp ** (0.7 + 1.3 * DEPTH)).reshape(H, K),
-                       (H, K), ("heads", "head_dim"))
-    self.decay_a = param(rngs, small(1e-2), (d_model, decay_rank), ("embed", None))
+                       (H, K), ("heads", "head_dim"), weight_decay=False)
+    self.decay_a = param(rngs, small(1e-2), (d_model, decay_rank), ("embed", None),
+                         weight_decay=False)
     self.decay_b = param(rngs, small(1e-2), (decay_rank, H, K),
-                         (None, "heads", "head_dim"))
+                         (None, "heads", "head_dim"), weight_decay=False)
     zigzag = 0.1 * ((jnp.arange(d_model) + 1) % 3 - 1)
     self.bonus = param(rngs, (DEPTH * (1 - ramp) + zigzag).reshape(H, K), (H, K),
-                       ("heads", "head_dim"))
+                       ("heads", "head_dim"), weight_decay=False)
     self.receptance, self.key, self.value = (
         head_dense(d_model, H, K, rngs) for _ in range(3))
     # GroupNorm per head with the reference's eps, 1e-5 * head_size_divisor^2

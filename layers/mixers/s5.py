@@ -62,13 +62,16 @@ class S5(Mixer):
     self.kernel = check_kernel(DIAG_SCAN, kernel)
     modes = state_dim // 2
     self.lambda_log_re = param(None, jnp.asarray(np.log(-Lambda.real)), (modes,),
-                               ("state",))
-    self.lambda_im = param(None, jnp.asarray(Lambda.imag), (modes,), ("state",))
+                               ("state",), weight_decay=False)
+    self.lambda_im = param(None, jnp.asarray(Lambda.imag), (modes,), ("state",),
+                           weight_decay=False)
     key_b, key_c = rngs.params(), rngs.params()
     B = jax.random.normal(key_b, (state_dim, d_model)) / np.sqrt(d_model)
     C = jax.random.normal(key_c, (d_model, state_dim)) / np.sqrt(state_dim)
     # jnp, not np: B and C are traced when the model is built under jit.
-    self.B = complex_param(jnp.asarray(V.conj().T) @ B, ("state", "embed"))
+    # S5's optimizer keeps Lambda, B and log dt out of weight decay.
+    self.B = complex_param(jnp.asarray(V.conj().T) @ B, ("state", "embed"),
+                           weight_decay=False)
     self.C = complex_param(C @ jnp.asarray(V), ("embed", "state"))
     self.D = normal_param(rngs, (d_model,), ("embed",))
     self.log_dt = log_dt_param(rngs, (modes,), ("state",), dt_min, dt_max)

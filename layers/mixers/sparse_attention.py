@@ -499,24 +499,26 @@ class Strided(FarSparse):
     return self.flops_for_keys(keys)
 
 
-def random_blocks(key_data, qb, lo, hi, count: int):
-  """`count` distinct blocks drawn from [lo, hi[b]) for every query block b
-  (Floyd's algorithm; the modulo bias is below 2^-20 for < 4096 blocks), -1
-  where fewer exist. A pure function of (key, b), so every call and every
-  form draws the same blocks."""
+def random_blocks(key_data, qb, lo, hi, count: int, heads: int):
+  """`count` distinct blocks drawn from [lo, hi[b]) for every head h and
+  query block b: [heads, Q, count] (Floyd's algorithm; the modulo bias is
+  below 2^-20 for < 4096 blocks), -1 where fewer exist. A pure function of
+  (key, h, b), so every call and every form draws the same blocks."""
   if count == 0:
-    return jnp.zeros((qb.shape[0], 0), jnp.int32)
+    return jnp.zeros((heads, qb.shape[0], 0), jnp.int32)
   key = jax.random.wrap_key_data(key_data)
-  bits = jax.vmap(lambda b: jax.random.bits(jax.random.fold_in(key, b),
-                                            (count,)))(qb)  # [Q, count]
+  draw = lambda h, b: jax.random.bits(
+      jax.random.fold_in(jax.random.fold_in(key, h), b), (count,))
+  bits = jax.vmap(lambda h: jax.vmap(lambda b: draw(h, b))(qb))(
+      jnp.arange(heads))  # [heads, Q, count]
   chosen = []
   for j in range(count):
     m = hi - lo - count + j  # Floyd: draw t in [0, m]; if taken, take m
-    t = (bits[:, j] % jnp.maximum(m + 1, 1).astype(jnp.uint32)).astype(jnp.int32)
+    t = (bits[..., j] % jnp.maximum(m + 1, 1).astype(jnp.uint32)).astype(jnp.int32)
     taken = functools.reduce(jnp.logical_or, [t == c for c in chosen],
                              jnp.zeros_like(t, bool))
     chosen.append(jnp.where(m >= 0, jnp.where(taken, m, t), -1))
-  chosen = jnp.stack(chosen, axis=1)
+  chosen = jnp.stack(chosen, axis=-1)
   return jnp.where(chosen >= 0, lo + chosen, -1).astype(jnp.int32)
 
 
@@ -527,18 +529,20 @@ class BigBird(FarSparse):
 
     its own block and the `window` blocks before it,
     the first `global_blocks` blocks (global tokens),
-    `random_blocks` blocks drawn from the rest of its past,
+    `random_blocks` blocks drawn from the rest of its past, per head (as
+    in the paper, each head draws its own),
 
   with a causal mask inside; o_t is the softmax over those keys. The random
   choice is fixed at init from `rngs` (a stored key, not a parameter) and is
-  a function of the block index, so any sequence length works and the full
-  and incremental forms agree. Causal global tokens see only their past,
-  which lies in the global blocks themselves.
+  a function of the (head, block) index, so any sequence length works and
+  the full and incremental forms agree. Causal global tokens see only their
+  past, which lies in the global blocks themselves.
 
   Cost: (window + 1 + global + random) * block_size keys per query, so
   training is O(L) (linear). The global and random blocks reach back
   arbitrarily far, so decode keeps the full KV cache (O(L) memory, a
-  constant number of key blocks read per token).
+  constant number of key blocks read per token). With random blocks and
+  grouped kv heads, every query head gathers its own key blocks.
 
   Options: block_size, window, global_blocks, random_blocks; the rest as
   for `attention`.
@@ -564,14 +568,21 @@ class BigBird(FarSparse):
     self.pattern_key = Fixed(jax.random.key_data(rngs.params()))
 
   def table(self, qb):
+    """[H, Q, N] block table (one per head), or [Q, N] for all heads when
+    no random blocks are drawn."""
     w, g = self.window, self.global_blocks
     first_local = qb[:, None] - w
     local = first_local + jnp.arange(w + 1, dtype=jnp.int32)
     glob = jnp.arange(g, dtype=jnp.int32)[None, :]
     glob = jnp.where(glob < first_local, glob, -1)  # else in the window
+    shared = jnp.concatenate([glob, local], axis=1)
+    if not self.random_blocks:
+      return shared
+    H = self.num_heads
     rand = random_blocks(self.pattern_key[...], qb, g, qb - w,
-                         self.random_blocks)
-    return jnp.concatenate([glob, local, rand], axis=1)
+                         self.random_blocks, H)
+    return jnp.concatenate([jnp.broadcast_to(shared, (H, *shared.shape)), rand],
+                           axis=-1)
 
   def mix(self, q, k, v, q_start, full):
     qm, km = self.metas(q, k, q_start)
