@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from arches.convert import model_from_params, to_numpy
+from arches.convert import attention, model_from_params, swiglu, to_numpy
 from arches.lm import DecoderLM, LMConfig
 
 # HuggingFace rope_type -> (our position scheme, option renames).
@@ -82,28 +82,14 @@ def params_from_hf(config: Any, state_dict: Mapping[str, Any]) -> dict:
   heads = config.num_attention_heads
   kv = getattr(config, "num_key_value_heads", heads)
   hd = getattr(config, "head_dim", None) or config.hidden_size // heads
-
-  def proj(name, n):  # [n*hd, d_model] -> [d_model, n, hd]
-    out = {"kernel": sd[name + ".weight"].T.reshape(-1, n, hd)}
-    if name + ".bias" in sd:
-      out["bias"] = sd[name + ".bias"].reshape(n, hd)
-    return out
-
   blocks = {}
   for i in range(config.num_hidden_layers):
     p = f"layers.{i}."
-    a, m = p + "self_attn.", p + "mlp."
     blocks[i] = {
         "mixer_norm": {"scale": sd[p + "input_layernorm.weight"]},
-        "mixer": {"proj": {
-            "q": proj(a + "q_proj", heads), "k": proj(a + "k_proj", kv),
-            "v": proj(a + "v_proj", kv),
-            "o": {"kernel": sd[a + "o_proj.weight"].T.reshape(heads, hd, -1),
-                  **({"bias": sd[a + "o_proj.bias"]} if a + "o_proj.bias" in sd
-                     else {})}}},
+        "mixer": attention(sd, p + "self_attn.", heads, kv, hd),
         "channel_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
-        "channel": {k: {"kernel": sd[f"{m}{k}_proj.weight"].T}
-                    for k in ("gate", "up", "down")},
+        "channel": swiglu(sd, p + "mlp."),
     }
   params = {"embed": {"embedding": sd["embed_tokens.weight"]}, "blocks": blocks,
             "final_norm": {"scale": sd["norm.weight"]}}

@@ -7,9 +7,15 @@
 
 Embedding, then n_layers blocks of
     x = x + mixer(norm(x));  x = x + channel(norm(x))
-then a final norm and the logits (tied to the embedding or not). `mixer` is
-one spec or a list of specs cycled over depth, so a hybrid is one line. A
-spec is a registered name or {"name": ..., **options}.
+then a final norm and the logits (tied to the embedding or not). `mixer` and
+`channel` are each one spec or a list of specs cycled over depth, so a
+hybrid is one line (channel: [swiglu, moe] alternates dense and
+mixture-of-experts layers, as GShard and Switch do). A spec is a registered
+name or {"name": ..., **options}; a channel spec may be "none".
+
+`model.with_aux(tokens)` returns (logits, aux): aux maps a layer index to
+what that layer's channel mixer returns besides its output (a mixture of
+experts: its auxiliary losses and routing statistics, `MoEAux`).
 """
 
 from __future__ import annotations
@@ -83,7 +89,9 @@ class LMConfig:
   """Model hyperparameters. All fields are plain data (configs are data).
 
   mixer: a spec or a list of specs, cycled over n_layers.
-  channel: a channel-mixer spec, or None for blocks without one (Mamba).
+  channel: a channel-mixer spec or a list of them cycled over n_layers; None
+    or "none" for blocks without one (Mamba). Channel mixers must be causal
+    (`channel.ChannelInfo`): expert-choice routing is refused.
   dtype: compute dtype of activations; parameters stay fp32.
   embed_scale: multiply input embeddings (Gemma uses sqrt(d_model)).
   embed_norm: normalize embeddings before the first block (RWKV's ln0).
@@ -119,7 +127,7 @@ class LMConfig:
                         f"{{name: ..., option: ...}} or a list of them. Registered: "
                         f"{', '.join(sorted(mixers.names()))}.", "model.mixer")
     _spec_check("model.mixer", self.mixer_specs)
-    _spec_check("model.channel", self.channel_spec)
+    _spec_check("model.channel", self.channel_specs)
 
   def to_dict(self) -> dict:
     return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -130,10 +138,22 @@ class LMConfig:
     specs = [normalize_spec(s, mixers.REGISTRY) for s in pattern]
     return [specs[i % len(specs)] for i in range(self.n_layers)]
 
-  def channel_spec(self) -> tuple[str, dict] | None:
-    if self.channel in (None, "none"):
-      return None
-    return normalize_spec(self.channel, channel.REGISTRY)
+  def channel_specs(self) -> list[tuple[str, dict] | None]:
+    """One (name, options) or None per layer: the pattern cycled over depth."""
+    pattern = self.channel if isinstance(self.channel, tuple) else (self.channel,)
+    if not pattern:
+      raise ValueError("LMConfig.channel pattern is empty")
+    specs = [None if s in (None, "none") else normalize_spec(s, channel.REGISTRY)
+             for s in pattern]
+    for spec in filter(None, specs):
+      if not channel.info(*spec).causal:
+        raise ValueError(
+            f"channel mixer {spec[0]!r} with options {spec[1]} is not causal "
+            "(router='expert_choice' lets each expert pick tokens from the whole "
+            "sequence), and a decoder LM must be; use a token-choice router "
+            "(softmax_topk, topk_softmax, sigmoid_bias). Expert choice is for "
+            "non-causal (encoder) use of the layer.")
+    return [specs[i % len(specs)] for i in range(self.n_layers)]
 
 
 @struct.dataclass
@@ -145,11 +165,11 @@ class BlockCache:
 class Block(nnx.Module):
   """Pre-norm residual block: sequence mixer, then channel mixer."""
 
-  def __init__(self, cfg: LMConfig, spec: tuple[str, dict], *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LMConfig, spec: tuple[str, dict],
+               ch: tuple[str, dict] | None, *, rngs: nnx.Rngs):
     name, options = spec
     self.mixer_norm = norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     self.mixer = mixers.build(name, cfg.d_model, rngs=rngs, **options)
-    ch = cfg.channel_spec()
     if ch is None:
       self.channel_norm = self.channel = None
     else:
@@ -157,12 +177,17 @@ class Block(nnx.Module):
                                       eps=cfg.norm_eps)
       self.channel = channel.build(ch[0], cfg.d_model, rngs=rngs, **ch[1])
 
+  def with_aux(self, x, *, segment_ids=None):
+    """(x, the channel mixer's aux or None) for a full sequence."""
+    x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids)
+    if self.channel is None:
+      return x, None
+    h, aux = self.channel.with_aux(self.channel_norm(x), segment_ids=segment_ids)
+    return x + h, aux
+
   def __call__(self, x, *, cache: BlockCache | None = None, segment_ids=None):
     if cache is None:
-      x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids)
-      if self.channel is not None:
-        x = x + self.channel(self.channel_norm(x), segment_ids=segment_ids)
-      return x
+      return self.with_aux(x, segment_ids=segment_ids)[0]
     h, mixer_cache = self.mixer(self.mixer_norm(x), cache=cache.mixer)
     x = x + h
     channel_cache = cache.channel
@@ -192,8 +217,8 @@ class DecoderLM(nnx.Module):
                        init=fan_in_init(cfg.d_model, 0.5))
     self.embed_norm = (norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
                        if cfg.embed_norm else None)
-    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs)
-                            for spec in cfg.mixer_specs()])
+    self.blocks = nnx.List([Block(cfg, spec, ch, rngs=rngs) for spec, ch in
+                            zip(cfg.mixer_specs(), cfg.channel_specs())])
     self.final_norm = norms.build(cfg.norm, cfg.d_model, rngs=rngs, eps=cfg.norm_eps)
     self.head = None if cfg.tie_embeddings else Dense(
         cfg.d_model, cfg.vocab_size, in_axes=("embed",), out_axes=("vocab",),
@@ -218,16 +243,33 @@ class DecoderLM(nnx.Module):
       out = c * jnp.tanh(out / c)
     return out
 
+  def with_aux(self, tokens_BxL, *, segment_ids=None) -> tuple[jax.Array, dict]:
+    """(logits [B, L, vocab] fp32, aux): aux maps the index of each layer
+    whose channel mixer has auxiliary outputs to them (see module doc)."""
+    x = self.embed_tokens(tokens_BxL)
+    aux = {}
+    for i, block in enumerate(self.blocks):
+      if self.cfg.remat:  # a pure function of the block's state: nothing to write back
+        graphdef, state = nnx.split(block)
+        x, a = jax.checkpoint(lambda st, x, s, g=graphdef: nnx.merge(g, st).with_aux(
+            x, segment_ids=s))(state, x, segment_ids)
+      else:
+        x, a = block.with_aux(x, segment_ids=segment_ids)
+      if a is not None:
+        aux[i] = a
+    return self.logits(x), aux
+
+  def update_balance(self, aux: dict) -> None:
+    """Apply each layer's balancing step (DeepSeek-V3's bias) from `aux`
+    (what `with_aux` returned, loads summed over micro-batches)."""
+    for i, a in aux.items():
+      self.blocks[i].channel.update_balance(a)
+
   def __call__(self, tokens_BxL, *, cache=None, segment_ids=None):
     """Logits [B, L, vocab] (fp32); with `cache`, (logits, new_cache)."""
-    x = self.embed_tokens(tokens_BxL)
     if cache is None:
-      for block in self.blocks:
-        if self.cfg.remat:
-          x = nnx.remat(lambda b, x, s: b(x, segment_ids=s))(block, x, segment_ids)
-        else:
-          x = block(x, segment_ids=segment_ids)
-      return self.logits(x)
+      return self.with_aux(tokens_BxL, segment_ids=segment_ids)[0]
+    x = self.embed_tokens(tokens_BxL)
     if segment_ids is not None:
       raise ValueError("segment_ids are for full-sequence calls, not with a cache")
     new = []

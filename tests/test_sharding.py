@@ -2,15 +2,12 @@
 train step on 8 simulated devices (data x fsdp) matching one device."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from fresh_process import result, start_on_cpu_devices
 from trainer_fixtures import (ToyIter, cache_env, compile_cache,  # noqa: F401
                               tiny_config)
 from train.config import MeshConfig
@@ -18,7 +15,6 @@ from train.sharding import check_rules, make_mesh, partition_spec, shard_batch
 from train.state import build
 from train.step import make_train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = {"embed": "fsdp", "mlp": "data"}
 
 
@@ -38,7 +34,8 @@ def test_partition_spec_follows_rules_and_divisibility():
 
 
 def test_mesh_errors_name_the_problem():
-  assert dict(make_mesh(MeshConfig()).shape) == {"data": len(jax.devices()), "fsdp": 1}
+  assert dict(make_mesh(MeshConfig()).shape) == {"data": len(jax.devices()), "fsdp": 1,
+                                                 "expert": 1}
   with pytest.raises(ValueError, match="fsdp=3 must be >= 1 and divide"):
     make_mesh(MeshConfig(fsdp=3), jax.devices() * 4)
   with pytest.raises(ValueError, match="needs 8 devices; 1 are available"):
@@ -72,16 +69,9 @@ print("RESULT " + json.dumps(_losses_and_embedding(MeshConfig(data=2, fsdp=4))))
 
 
 def test_eight_devices_match_one(compile_cache):
-  env = cache_env(compile_cache)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + env.get("XLA_FLAGS", "")
-  env["PYTHONPATH"] = ROOT
-  proc = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = start_on_cpu_devices(CHILD, 8, cache_env(compile_cache))
   one = _losses_and_embedding(MeshConfig(data=1, fsdp=1))  # meanwhile, here
-  output = proc.communicate(timeout=600)[0]
-  lines = [l for l in output.splitlines() if l.startswith("RESULT ")]
-  assert lines, output
-  mesh = json.loads(lines[0][len("RESULT "):])
+  mesh = result(proc, timeout=600)
   assert mesh["spec"] == "(None, 'fsdp')" and mesh["shard"] == [64, 8]  # 32 / fsdp 4
   assert one["shard"] == [64, 32]
   for a, b in zip(one["losses"], mesh["losses"]):

@@ -4,6 +4,7 @@
     mixerlab eval  --config runs/default/config.yaml
     mixerlab sweep --config configs/sweeps/default.yaml
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
+    mixerlab bench-moe --experts 8,16,32,64
     mixerlab mixers
 
 Trailing `key=value` arguments override config keys (train.configs). The
@@ -84,14 +85,14 @@ def cmd_sweep(args) -> int:
   return 1 if failed else 0
 
 
-def _bench_flags(p: argparse.ArgumentParser):
-  """One flag per BenchSpec field; tuples are comma-separated lists."""
-  from train.bench import BenchSpec
-  hints = typing.get_type_hints(BenchSpec)
-  for f in dataclasses.fields(BenchSpec):
+def _bench_flags(p: argparse.ArgumentParser, spec_class):
+  """One flag per field of a bench spec; tuples are comma-separated lists."""
+  hints = typing.get_type_hints(spec_class)
+  for f in dataclasses.fields(spec_class):
     ann, default = hints[f.name], f.default
     if typing.get_origin(ann) is tuple:
-      item = str if f.name == "mixers" else int
+      item = typing.get_args(ann)[0]
+      item = item if isinstance(item, type) else str  # mixers: names
       conv = lambda s, item=item: tuple(item(v) for v in s.split(",") if v)
       shown = ",".join(map(str, default))
     else:
@@ -123,6 +124,17 @@ def cmd_bench(args) -> int:
   bench.run(spec, cmd)
   print(open(os.path.join(spec.out, "bench.md")).read())
   print(f"written: {spec.out}/bench.json, bench.md, bench.png")
+  return 0
+
+
+def cmd_bench_moe(args) -> int:
+  from train import bench_moe
+  spec = bench_moe.MoEBenchSpec(**{f.name: getattr(args, f.name)
+                                   for f in dataclasses.fields(bench_moe.MoEBenchSpec)})
+  cmd = bench_moe.command(spec)
+  print(cmd)
+  bench_moe.run(spec, cmd)
+  print(open(os.path.join(spec.out, "bench_moe.md")).read())
   return 0
 
 
@@ -167,8 +179,14 @@ def parser() -> argparse.ArgumentParser:
   s.set_defaults(func=cmd_sweep)
   s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
-  _bench_flags(s)
+  from train.bench import BenchSpec
+  _bench_flags(s, BenchSpec)
   s.set_defaults(func=cmd_bench)
+  s = add("bench-moe", help="MoE layer time/memory vs number of experts at fixed "
+          "active parameters")
+  from train.bench_moe import MoEBenchSpec
+  _bench_flags(s, MoEBenchSpec)
+  s.set_defaults(func=cmd_bench_moe)
   s = add("mixers", help="list registered mixers with size and forward time")
   s.add_argument("--d-model", type=positive, default=64)
   s.add_argument("--length", type=positive, default=256)

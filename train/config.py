@@ -99,13 +99,15 @@ class TrainConfig:
 class MeshConfig:
   data: int = -1              # -1: all devices not used by other axes
   fsdp: int = 1
+  expert: int = 1             # expert parallelism: MoE experts split over it
   # logical axis name -> mesh axis; unnamed axes are replicated
-  rules: dict = dataclasses.field(default_factory=lambda: {"embed": "fsdp"})
+  rules: dict = dataclasses.field(
+      default_factory=lambda: {"embed": "fsdp", "experts": "expert"})
 
   def __post_init__(self):
     from train import sharding  # sharding imports this module
-    check_fields(self, "mesh", fsdp=at_least(1), data=Rule(
-        lambda v: v == -1 or v >= 1, "-1 (every device fsdp leaves) or >= 1"))
+    check_fields(self, "mesh", fsdp=at_least(1), expert=at_least(1), data=Rule(
+        lambda v: v == -1 or v >= 1, "-1 (every device fsdp and expert leave) or >= 1"))
     sharding.check_rules(self.rules)
 
 
@@ -118,4 +120,6 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def __post_init__(self):
+    from train import sharding  # sharding imports this module
     data.check_compatible(self.data, self.model)
+    sharding.check_expert_parallel(self.model, self.mesh.expert)

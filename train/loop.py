@@ -32,7 +32,7 @@ from train import configs, data, rundir
 from train import eval as evaluation
 from train.checkpoint import Checkpointer
 from train.config import Config
-from train.metrics import RunLog, StepTimer, mfu, peak_memory_bytes
+from train.metrics import RunLog, StepTimer, aux_summary, mfu, peak_memory_bytes
 from train.sharding import shard_batch
 from train.state import Setup, TrainState, build
 from train.step import check_batch_shape, make_eval_step, make_train_step
@@ -89,7 +89,7 @@ class Trainer:
     self._train_exec, self._eval_exec = self.train_step, self.eval_step
     self.compile_times = {"compile_time_s": None, "eval_compile_time_s": None}
     self.timer = StepTimer()
-    self.last_loss = None
+    self.last_loss = self.last_metrics = None
     self.tokens_per_step = self.tc.batch_size * cfg.data.seq_len
 
   # -- state -----------------------------------------------------------------
@@ -123,7 +123,7 @@ class Trainer:
           f"{pending.step}; stopped. The last good checkpoint (step "
           f"{self.ckpt.latest_step()}) in {self.tc.run_dir} is intact: lower "
           f"OptimizerConfig.lr or check the data, then rerun to resume from it.")
-    self.last_loss = m["loss"]
+    self.last_loss, self.last_metrics = m["loss"], m
     if pending.step % self.tc.log_every == 0 or pending.step == self.tc.steps:
       m.update(self.speed())
       log.write(pending.step, m)
@@ -199,7 +199,7 @@ class Trainer:
         "mfu": mfu(flops, speed["tokens_per_s"], devices, self.cfg.model.dtype),
         "peak_memory_bytes": peak_memory_bytes(),
         "train_loss": self.last_loss if self.last_loss is not None else log.last_loss,
-        **final,
+        **aux_summary(self.last_metrics), **final,
     }
 
 

@@ -1,5 +1,6 @@
-"""Run metrics: steady-state timing, MFU, device memory, and the run log
-(metrics.jsonl, TensorBoard events, a progress bar or plain lines)."""
+"""Run metrics: steady-state timing, MFU, device memory, mixture-of-experts
+statistics, and the run log (metrics.jsonl, TensorBoard events, a progress
+bar or plain lines)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 # Dense peak FLOP/s per chip for matmuls, by device_kind substring (first
 # match wins, so more specific names come first). "float32" is the rate of
@@ -53,6 +55,35 @@ def peak_memory_bytes(devices=None) -> int | None:
       return None
     peaks.append(stats["peak_bytes_in_use"])
   return max(peaks)
+
+
+def aux_metrics(aux: dict, aux_loss) -> dict:
+  """Flat scalar metrics of the layers' auxiliary outputs (`MoEAux` by layer
+  index), none for a model without any: aux_loss (the weighted sum added to
+  the loss); per layer i, moe/i/{load_min, load_max} (fraction of the
+  assignments on the least and most loaded expert, 1/E when balanced),
+  moe/i/{entropy, dropped, balance_loss, z_loss}; and over layers,
+  moe/load_max (the largest) and moe/dropped (the mean), for the summary."""
+  if not aux:
+    return {}
+  out = {"aux_loss": aux_loss}
+  for i, a in aux.items():
+    s = a.stats
+    out.update({f"moe/{i}/load_min": jnp.min(s.load), f"moe/{i}/load_max": jnp.max(s.load),
+                f"moe/{i}/entropy": s.entropy, f"moe/{i}/dropped": s.dropped,
+                f"moe/{i}/balance_loss": s.balance_loss, f"moe/{i}/z_loss": s.z_loss})
+  out["moe/load_max"] = jnp.max(jnp.stack([out[f"moe/{i}/load_max"] for i in aux]))
+  out["moe/dropped"] = jnp.mean(jnp.stack([out[f"moe/{i}/dropped"] for i in aux]))
+  return out
+
+
+SUMMARY_AUX = ("aux_loss", "moe/load_max", "moe/dropped")
+
+
+def aux_summary(metrics: dict | None) -> dict:
+  """The run-level auxiliary figures of the last logged step (for summary.json
+  and the sweep tables); empty for models without auxiliary outputs."""
+  return {k: metrics[k] for k in SUMMARY_AUX if metrics and k in metrics}
 
 
 class StepTimer:

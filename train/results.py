@@ -31,11 +31,14 @@ COLUMNS = (
     ("val bpb", "val_bpb", "{:.3f}"),
     ("val acc", "val_accuracy", "{:.3f}"),
     ("MFU", "mfu", "{:.2%}"),
+    ("aux loss", "aux_loss", "{:.4f}"),
+    ("max load", "moe/load_max", "{:.3f}"),
+    ("dropped", "moe/dropped", "{:.2%}"),
     ("peak mem (MiB)", "peak_memory_mib", "{:.1f}"),
     ("status", "status", "{}"),
 )
 SUMMARY_KEYS = ("params", "tokens_per_s", "val_loss", "val_ppl", "val_bpb",
-                "val_accuracy", "mfu")
+                "val_accuracy", "mfu", "aux_loss", "moe/load_max", "moe/dropped")
 
 
 def mixer_label(cfg: Config) -> str:

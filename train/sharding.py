@@ -1,13 +1,16 @@
 """Device mesh and sharding rules.
 
-The trainer always runs on a `Mesh` with axes ("data", "fsdp"), one device
-or many. Parameters carry logical axis names (layers/params.py); `RULES` map
-a logical name to a mesh axis, so sharding a model is a table, not a model
-rewrite. The default shards every "embed" dimension over "fsdp" (ZeRO-3
-style: XLA all-gathers a weight where it is used) and replicates the rest.
-A dimension the mesh axis does not divide, or a mesh axis already used by an
-earlier dimension of the same array, stays replicated. Batches are split
-over both axes.
+The trainer always runs on a `Mesh` with axes ("data", "fsdp", "expert"),
+one device or many. Parameters carry logical axis names (layers/params.py);
+`RULES` map a logical name to a mesh axis, so sharding a model is a table,
+not a model rewrite. The default shards every "embed" dimension over "fsdp"
+(ZeRO-3 style: XLA all-gathers a weight where it is used), the "experts"
+dimension of mixture-of-experts weights over "expert" (expert parallelism:
+each device holds E / expert of the experts, and capacity dispatch sends
+tokens to them with all_to_all, layers/channel/dispatch.py), and replicates
+the rest. A dimension the mesh axis does not divide, or a mesh axis already
+used by an earlier dimension of the same array, stays replicated. Batches
+are split over every axis.
 
 Optimizer moments are `nnx.Param`s with the same metadata as the parameters
 they track (optax maps over the Variables), so one rule covers the whole
@@ -23,29 +26,61 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from arches.lm import LMConfig
 from arches.validation import ConfigError
+from layers import channel
+from layers.channel.dispatch import EXPERT_AXIS
 from layers.params import AXES as LOGICAL_AXES
 from train.config import MeshConfig
 
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", EXPERT_AXIS)
 BATCH_AXES = AXES  # the batch dimension is split over every mesh axis
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp") mesh over `devices` (default: all). data=-1 takes
-  every device the fsdp axis leaves over."""
+  """A ("data", "fsdp", "expert") mesh over `devices` (default: all).
+  data=-1 takes every device the fsdp and expert axes leave over."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if n % cfg.fsdp:
-    raise ConfigError(f"mesh.fsdp={cfg.fsdp} must be >= 1 and divide the {n} "
-                      "available devices", "mesh.fsdp")
-  data = n // cfg.fsdp if cfg.data == -1 else cfg.data
-  if data * cfg.fsdp > n:
-    raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} needs "
-                      f"{data * cfg.fsdp} devices; {n} are available (data=-1 "
-                      "uses all that fsdp leaves)", "mesh.data", "mesh.fsdp")
-  grid = np.asarray(devices[:data * cfg.fsdp], dtype=object).reshape(data, cfg.fsdp)
+  for name in ("fsdp", "expert"):
+    size = getattr(cfg, name)
+    if n % size:
+      raise ConfigError(f"mesh.{name}={size} must be >= 1 and divide the {n} "
+                        "available devices", f"mesh.{name}")
+  model = cfg.fsdp * cfg.expert
+  data = n // model if cfg.data == -1 else cfg.data
+  if data * model > n:
+    raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} x mesh.expert="
+                      f"{cfg.expert} needs {data * model} devices; {n} are available "
+                      "(data=-1 uses all that fsdp and expert leave)",
+                      "mesh.data", "mesh.fsdp", "mesh.expert")
+  grid = np.asarray(devices[:data * model], dtype=object).reshape(
+      data, cfg.fsdp, cfg.expert)
   return Mesh(grid, AXES)
+
+
+def check_expert_parallel(model: LMConfig, expert: int) -> None:
+  """An expert axis of size `expert` > 1 must divide every MoE layer's
+  number of experts, and those layers must use capacity dispatch (the path
+  that runs on an expert axis; dropless would need
+  jax.lax.ragged_all_to_all, which does not run on CPU)."""
+  if expert == 1:
+    return
+  for i, spec in enumerate(model.channel_specs()):
+    if spec is None or spec[0] != "moe":
+      continue
+    opts = {k: o.default for k, o in channel.REGISTRY.options("moe").items()}
+    opts.update(spec[1])
+    if opts["num_experts"] % expert:
+      raise ConfigError(f"mesh.expert={expert} does not divide the num_experts="
+                        f"{opts['num_experts']} of the moe layer {i}; the expert "
+                        "axis must divide every MoE layer's number of experts",
+                        "mesh.expert", "model.channel")
+    if opts["dispatch"] != "capacity":
+      raise ConfigError(f"mesh.expert={expert} needs dispatch='capacity' in the "
+                        f"moe layer {i} (it has {opts['dispatch']!r}): expert "
+                        "parallelism sends capacity buffers with all_to_all",
+                        "mesh.expert", "model.channel")
 
 
 def partition_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],

@@ -24,7 +24,9 @@ from train.config import Config
 @struct.dataclass
 class TrainState:
   """params: fp32 master weights (nnx.Param state); buffers: the model's other
-  variables, carried unchanged (empty for DecoderLM's own layers); opt_state:
+  variables, changed only outside the gradient (DeepSeek-V3-style MoE
+  routing biases, moved towards balance after each step; empty for a dense
+  model) and checkpointed with the rest, so a resume is exact; opt_state:
   optax state (moments are Params with the same axis names); step: updates
   done (int32); rng: a raw uint32[2] key reserved for stochastic layers
   (none of today's layers draws from it), checkpointed with the rest so a
@@ -82,6 +84,7 @@ def _init_fn(model_cfg: LMConfig, tx, seed: int):
 def build(cfg: Config, mesh: Mesh | None = None) -> Setup:
   """The `Setup` for `cfg` on `mesh` (default: made from cfg.mesh)."""
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  sharding.check_expert_parallel(cfg.model, mesh.shape.get(sharding.EXPERT_AXIS, 1))
   graphdef, abstract_params, _ = _split(
       nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0))))
   tx = optim.make_optimizer(cfg.optimizer, cfg.train.steps, abstract_params)

@@ -10,6 +10,16 @@ cut into A micro-batches (rows i*A + a form micro-batch a, so each one stays
 spread over the mesh); summed token losses and their gradients are
 accumulated in fp32 and divided by the batch's total mask count once, so
 the update equals the one-big-batch update.
+
+Models with auxiliary outputs (mixture-of-experts layers, `DecoderLM.with_aux`)
+add their weighted auxiliary losses to the objective: each micro-batch
+contributes count * aux_loss to the summed loss, so after the division the
+update follows mean nll + (token-weighted mean) aux loss. Their statistics
+are logged per layer (`train.metrics.aux_metrics`), and their balancing steps
+outside the gradient (DeepSeek-V3's router bias) update the non-parameter
+state `TrainState.buffers` after each step, from the loads of the whole
+batch. The forward runs under `expert_parallel(mesh)`, so MoE layers with
+capacity dispatch send tokens to their experts' devices on an expert axis.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import optax
 from flax import nnx
 
 from arches.validation import ConfigError
+from layers.channel.dispatch import expert_parallel
+from train.metrics import aux_metrics
 from train.optim import learning_rate
 from train.sharding import batch_divisor, batch_sharding
 from train.state import Setup, TrainState
@@ -41,48 +53,84 @@ def token_sums(logits_BxLxV, batch) -> dict:
           "correct": (correct * batch["loss_mask"].astype(jnp.float32)).sum()}
 
 
-def forward(graphdef, params, buffers, batch):
+def forward_with_aux(graphdef, params, buffers, batch, mesh=None):
+  """(logits, aux) of the model on the batch; see the module docstring."""
   model = nnx.merge(graphdef, params, buffers)
-  return model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+  with expert_parallel(mesh):
+    return model.with_aux(batch["inputs"], segment_ids=batch.get("segment_ids"))
 
 
-def _nll_sum(params, buffers, graphdef, batch):
-  return masked_nll(forward(graphdef, params, buffers, batch), batch)
+def forward(graphdef, params, buffers, batch, mesh=None):
+  return forward_with_aux(graphdef, params, buffers, batch, mesh)[0]
 
 
-def summed_grads(graphdef, params, buffers, batch, grad_accum: int):
-  """(sum of token nll, mask count, d sum / d params), over `grad_accum`
-  sequential micro-batches."""
-  grad_fn = jax.value_and_grad(_nll_sum, has_aux=True)
+def _objective(params, buffers, graphdef, batch, mesh):
+  logits, aux = forward_with_aux(graphdef, params, buffers, batch, mesh)
+  nll, count = masked_nll(logits, batch)
+  aux_loss = sum((a.loss for a in aux.values()), jnp.zeros((), jnp.float32))
+  return nll + count * aux_loss, (nll, count, count * aux_loss, aux)
+
+
+def accumulate(graphdef, params, buffers, batch, grad_accum: int, mesh=None):
+  """Sums over `grad_accum` sequential micro-batches: (token nll, mask
+  count, count-weighted aux loss, d(nll + count * aux loss)/d params, and
+  each layer's aux averaged over the micro-batches)."""
+  grad_fn = jax.value_and_grad(_objective, has_aux=True)
   if grad_accum == 1:
-    (nll, count), grads = grad_fn(params, buffers, graphdef, batch)
-    return nll, count, grads
+    (_, (nll, count, aux_loss, aux)), grads = grad_fn(params, buffers, graphdef,
+                                                      batch, mesh)
+    return nll, count, aux_loss, grads, aux
 
   def micro(x):  # [B, ...] -> [A, B/A, ...]; row i*A + a -> micro-batch a
     return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum,
                                   *x.shape[1:]), 0, 1)
 
-  def body(carry, mb):
-    (nll, count), grads = grad_fn(params, buffers, graphdef, mb)
-    return jax.tree.map(jnp.add, carry, (nll, count, grads)), None
+  def sums(mb):
+    (_, (nll, count, aux_loss, aux)), grads = grad_fn(params, buffers, graphdef,
+                                                      mb, mesh)
+    return nll, count, aux_loss, grads, aux
 
-  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-           jax.tree.map(jnp.zeros_like, params))
+  def body(carry, mb):
+    return jax.tree.map(jnp.add, carry, sums(mb)), None
+
+  first = jax.tree.map(lambda x: x[0], jax.tree.map(micro, batch))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(sums, first))
   out, _ = jax.lax.scan(body, zeros, jax.tree.map(micro, batch))
-  return out
+  *out, aux = out
+  return (*out, jax.tree.map(lambda a: a / grad_accum, aux))
+
+
+def summed_grads(graphdef, params, buffers, batch, grad_accum: int):
+  """(sum of token nll, mask count, d(nll + count * aux loss)/d params) over
+  `grad_accum` sequential micro-batches (`accumulate` without its aux)."""
+  nll, count, _, grads, _ = accumulate(graphdef, params, buffers, batch, grad_accum)
+  return nll, count, grads
+
+
+def _balanced(graphdef, params, buffers, aux):
+  """The buffers after each layer's balancing step from this batch's aux."""
+  if not aux:
+    return buffers
+  model = nnx.merge(graphdef, params, buffers)
+  model.update_balance(aux)
+  return nnx.split(model, nnx.Param, ...)[2]
 
 
 def _train_step(setup: Setup, state: TrainState, batch: dict):
   grad_accum = setup.cfg.train.grad_accum
-  nll, count, grads = summed_grads(setup.graphdef, state.params, state.buffers,
-                                   batch, grad_accum)
+  nll, count, aux_loss, grads, aux = accumulate(
+      setup.graphdef, state.params, state.buffers, batch, grad_accum, setup.mesh)
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   lr = learning_rate(setup.cfg.optimizer, setup.cfg.train.steps)(state.step)
-  metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "lr": lr}
-  new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+  metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "lr": lr,
+             **aux_metrics(aux, aux_loss / denom)}
+  buffers = _balanced(setup.graphdef, state.params, state.buffers, aux)
+  new = state.replace(params=params, opt_state=opt_state, buffers=buffers,
+                      step=state.step + 1)
   return new, metrics
 
 
@@ -98,8 +146,8 @@ def make_train_step(setup: Setup):
 def make_eval_step(setup: Setup):
   """Jitted (state, batch) -> token sums of the batch (see `token_sums`)."""
   def step(state, batch):
-    return token_sums(forward(setup.graphdef, state.params, state.buffers, batch),
-                      batch)
+    return token_sums(forward(setup.graphdef, state.params, state.buffers, batch,
+                              setup.mesh), batch)
   return jax.jit(step, in_shardings=(setup.state_sharding, batch_sharding(setup.mesh)))
 
 

@@ -7,11 +7,22 @@ Channel mixers follow a reduced form of the sequence-mixer contract:
 `y = cm(x)`, and `y, cache = cm(x, cache=cache)` after
 `cache = cm.init_cache(batch_size, max_len, dtype)`. Stateless ones (MLP,
 SwiGLU) keep an empty `NoState` as their cache; a mixer with token shift (RWKV's
-channel mix) keeps its last token there. MoE layers register here later.
+channel mix) keeps its last token there.
+
+Every channel mixer subclasses `ChannelMixer`, which adds:
+  * `y, aux = cm.with_aux(x, segment_ids=...)`: the full-sequence output and
+    the layer's auxiliary outputs (None for most; a mixture of experts
+    returns its auxiliary losses and routing statistics, `moe.MoEAux`), an
+    explicit return value so that jit, remat and grad carry it like any
+    other output;
+  * `info` / `info_for(**options)`: `ChannelInfo` (is the layer causal?),
+    readable from a config before anything is built;
+  * `flops_per_token()`: forward FLOPs per token (for MoE, the *active* ones).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,13 +42,43 @@ def build(name: str, d_model: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:
   return REGISTRY.build(name, d_model, rngs=rngs, **options)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelInfo:
+  """causal: a token's output depends on no later token (every per-token
+  MLP; not a router that lets each expert pick tokens from the sequence)."""
+  causal: bool = True
+
+
+def info(name: str, options: dict) -> ChannelInfo:
+  """The info of the registered channel mixer `name` built with `options`."""
+  return REGISTRY.get(name).info_for(**options)
+
+
+class ChannelMixer(nnx.Module):
+  """Base of every channel mixer; see the module docstring."""
+
+  info: ChannelInfo = ChannelInfo()
+
+  @classmethod
+  def info_for(cls, **options) -> ChannelInfo:
+    del options  # the same for every option of the base's subclasses
+    return cls.info
+
+  def with_aux(self, x, *, segment_ids=None):
+    return self(x, segment_ids=segment_ids), None
+
+  def update_balance(self, aux) -> None:
+    """A step outside the gradient from this layer's aux (summed over a
+    batch), e.g. DeepSeek-V3's balancing bias; nothing by default."""
+
+
 @struct.dataclass
 class NoState:
   """The cache of a stateless channel mixer (an empty pytree, not None, so
   that `cache is None` still means "full-sequence call")."""
 
 
-class Stateless(nnx.Module):
+class Stateless(ChannelMixer):
   """Base for channel mixers without decode state."""
 
   def forward(self, x: jax.Array) -> jax.Array:
@@ -110,3 +151,4 @@ class SwiGLU(Stateless):
 
 
 from layers.channel import rwkv as _rwkv  # noqa: E402,F401  (registers rwkv4_channel)
+from layers.channel import moe as _moe  # noqa: E402,F401  (registers moe)

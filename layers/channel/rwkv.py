@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.channel import _hidden, register
+from layers.channel import ChannelMixer, _hidden, register
 from layers.params import Dense, param
 from layers.positions import segment_positions
 
@@ -54,7 +54,7 @@ def shift_ramp(d: int, power: float, offset: float = 0.0) -> jax.Array:
 
 
 @register("rwkv4_channel")
-class RWKVChannel(nnx.Module):
+class RWKVChannel(ChannelMixer):
   """RWKV channel mix (Peng et al., 2023, "RWKV: Reinventing RNNs for the
   Transformer Era", arXiv:2305.13048; unchanged in RWKV-5/6):
 

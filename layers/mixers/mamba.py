@@ -21,6 +21,7 @@ from layers.kernels.conv1d import causal_conv1d
 from layers.kernels.selective_scan import SELECTIVE_SCAN, s6_flops_per_token
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
+from layers.norms import RMSNorm
 from layers.params import Dense, constant_init, fan_in_init, param
 from layers.positions import segment_positions
 
@@ -116,7 +117,9 @@ class Mamba(Mixer):
   Options: expand (d_inner = expand * d_model), d_state, d_conv, dt_rank
   (default ceil(d_model / 16)), chunk_size (of the chunked scan), kernel
   ("auto" or a SELECTIVE_SCAN form), use_bias (in/out projections),
-  conv_bias, dt_min/dt_max (range of the initial step sizes).
+  conv_bias, dt_min/dt_max (range of the initial step sizes), bcdt_norm:
+  RMSNorms (eps bcdt_norm_eps) on dt_r, B and C right after x_proj, as
+  Jamba's Mamba layers have (Lieber et al. 2024, arXiv:2403.19887).
   """
 
   info = MixerInfo(family="ssm", paper="Gu & Dao 2023, arXiv:2312.00752",
@@ -127,7 +130,8 @@ class Mamba(Mixer):
                d_state: int = 16, d_conv: int = 4, dt_rank: int | None = None,
                chunk_size: int = 64, kernel: str = "auto",
                use_bias: bool = False, conv_bias: bool = True,
-               dt_min: float = 1e-3, dt_max: float = 0.1):
+               dt_min: float = 1e-3, dt_max: float = 0.1,
+               bcdt_norm: bool = False, bcdt_norm_eps: float = 1e-6):
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
     check_options("mamba", expand=expand, d_state=d_state, d_conv=d_conv,
                   dt_rank=dt_rank, chunk_size=chunk_size)
@@ -157,6 +161,8 @@ class Mamba(Mixer):
                    weight_decay=False)
     self.out_proj = Dense(d_inner, d_model, in_axes=("mlp",),
                           out_axes=("embed",), rngs=rngs, use_bias=use_bias)
+    norm = lambda dim: RMSNorm(dim, rngs=rngs, eps=bcdt_norm_eps) if bcdt_norm else None
+    self.dt_norm, self.b_norm, self.c_norm = norm(dt_rank), norm(d_state), norm(d_state)
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
@@ -165,11 +171,13 @@ class Mamba(Mixer):
                               None if cache is None else cache.conv, segment_ids)
     R, N = self.dt_rank, self.d_state
     dbc = self.x_proj(u)
-    dt = jax.nn.softplus(self.dt_proj(dbc[..., :R]).astype(F32)
-                         + self.dt_bias[...])
+    dt_r, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+    if self.dt_norm is not None:
+      dt_r, B, C = self.dt_norm(dt_r), self.b_norm(B), self.c_norm(C)
+    dt = jax.nn.softplus(self.dt_proj(dt_r).astype(F32) + self.dt_bias[...])
     scan = SELECTIVE_SCAN.choose(self.kernel)
-    y, h = scan.fn(u, dt, -jnp.exp(self.A_log[...]), dbc[..., R:R + N],
-                   dbc[..., R + N:], h0=None if cache is None else cache.ssm,
+    y, h = scan.fn(u, dt, -jnp.exp(self.A_log[...]), B, C,
+                   h0=None if cache is None else cache.ssm,
                    reset_BxL=resets(segment_ids), chunk_size=self.chunk_size)
     y = (y + u.astype(F32) * self.D[...]) * jax.nn.silu(
         xz_BxLx2xI[:, :, 1].astype(F32))
