@@ -147,7 +147,7 @@ def test_rwkv4_mixer_matches_paper_equations_in_both_forms():
 
 
 def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
-  m = mixers.build("rwkv6", D, rngs=nnx.Rngs(0))
+  m = mixers.build("rwkv6", D, rngs=nnx.Rngs(0), head_dim=16)
   p = params(m)
   # Scale the LoRAs up so that the data-dependent parts matter.
   for name in ("mix_a", "mix_b", "decay_a", "decay_b"):
@@ -198,11 +198,11 @@ def test_rwkv_channel_matches_equation_and_decodes_with_segments():
 
 @pytest.mark.parametrize("name,options,match", [
     ("rwkv4", {"kernel": "cuda"}, "unknown wkv4 kernel"),
-    ("rwkv6", {"form": "fused"}, "unknown form"),
-    ("rwkv6", {"chunk_size": 0}, "chunk_size"),
+    ("rwkv6", {"form": "fused", "head_dim": 16}, "unknown form"),
+    ("rwkv6", {"chunk_size": 0, "head_dim": 16}, "chunk_size"),
     ("rwkv6", {"head_dim": 5}, "multiple of head_dim"),
     ("rwkv6", {"head_dim": 0}, "multiple of head_dim"),
-    ("rwkv6", {"mix_rank": 0}, "mix_rank"),
+    ("rwkv6", {"mix_rank": 0, "head_dim": 16}, "mix_rank"),
 ])
 def test_bad_options(name, options, match):
   with pytest.raises(ValueError, match=match):

@@ -67,7 +67,10 @@ class LSHAttention(BlockSparseMixer):
   bucket choice does not depend on the activation dtype.
 
   Options: num_heads, head_dim, n_buckets (even), chunk, n_hashes, position
-  (a q/k scheme, applied before hashing), kernel, use_bias.
+  (a q/k scheme, applied before hashing), kernel, use_bias. Defaults are
+  Reformer's: chunks of 64 (the paper's and HF's chunk length), 2 hash
+  rounds (its enwik8 training setting) and 64 buckets (Reformer takes
+  about 2 L / chunk; 64 fits L = 2048).
   """
 
   info = MixerInfo(family="attention", paper="Kitaev et al. 2020, "
@@ -78,7 +81,7 @@ class LSHAttention(BlockSparseMixer):
   distance_bias_ok = False
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
-               head_dim: int | None = None, n_buckets: int = 2, chunk: int = 4,
+               head_dim: int | None = None, n_buckets: int = 64, chunk: int = 64,
                n_hashes: int = 2, position: str | dict = "none",
                kernel: str = "auto", use_bias: bool = False):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)

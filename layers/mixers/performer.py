@@ -74,8 +74,8 @@ class Performer(FeatureAttention):
   O(1) per token with a constant fp32 state of num_heads * m * (head_dim +
   1) values.
 
-  Options: num_heads, head_dim, num_features (m); form ("chunked",
-  "parallel", "recurrent"); chunk_size.
+  Options: num_heads, head_dim, num_features (m, default the paper's 256);
+  form ("chunked", "parallel", "recurrent"); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Choromanski et al. "
@@ -83,7 +83,7 @@ class Performer(FeatureAttention):
                    decode_state="constant", supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
-               head_dim: int | None = None, num_features: int = 64,
+               head_dim: int | None = None, num_features: int = 256,
                form: str = "chunked", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,

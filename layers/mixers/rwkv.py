@@ -149,8 +149,8 @@ class RWKV6(RecurrentMixer):
   state of d K + d values (WKV state in fp32, decays summed in fp32). The
   cache is a `RecurrentCache` whose state is (last token, S).
 
-  Options: head_dim (K; the paper uses 64), mix_rank / decay_rank (LoRA
-  ranks, paper 32 / 64); form ("chunked", "parallel", "recurrent") and
+  Options: head_dim (K, default the paper's 64), mix_rank / decay_rank
+  (LoRA ranks, the paper's 32 / 64); form ("chunked", "parallel", "recurrent") and
   chunk_size of the shared linear-attention kernel.
   """
 
@@ -158,7 +158,7 @@ class RWKV6(RecurrentMixer):
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
 
-  def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 16,
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 64,
                mix_rank: int = 32, decay_rank: int = 64, form: str = "chunked",
                chunk_size: int = 64):
     if head_dim < 1 or d_model % head_dim:

@@ -14,8 +14,10 @@ incremental call run the same code: the incremental call passes the cache
 out differently: by column/segment in the full form, one per block in a
 piece.
 
-Option defaults are small so that the contract suite (16 tokens) exercises
-the sparse paths (wrapped rings, several blocks); set them for real models.
+Option defaults are the sizes of each pattern's paper (quoted in each
+docstring); the contract suite passes its own small options so that its
+16-token sequences still exercise the sparse paths (wrapped rings, several
+blocks).
 """
 
 from __future__ import annotations
@@ -210,9 +212,9 @@ class SlidingWindow(SparseAttention):
   keep counting (RoPE angles are computed in fp32 and lose precision only
   after ~1e6 tokens).
 
-  Options: window; block_size (default min(window, 128)); num_heads,
-  num_kv_heads, head_dim, position, kernel, use_bias, out_bias as for
-  `attention`.
+  Options: window (default 4096, Mistral 7B's; Longformer's windows are
+  32-512); block_size (default min(window, 128)); num_heads, num_kv_heads,
+  head_dim, position, kernel, use_bias, out_bias as for `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Beltagy et al. 2020, "
@@ -220,7 +222,7 @@ class SlidingWindow(SparseAttention):
                    train_cost="linear", decode_state="bounded",
                    supports_segments=True)
 
-  def __init__(self, d_model: int, *, rngs: nnx.Rngs, window: int = 6,
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, window: int = 4096,
                block_size: int | None = None, num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
@@ -336,15 +338,17 @@ class AttentionSinks(SlidingWindow):
   bounded cache (ring of W plus sinks slots). No packed sequences: the sinks
   are the first tokens of the row.
 
-  Options: window, sinks, block_size; the rest as for `attention`.
+  Options: window (default 1020), sinks (default 4: the paper's four
+  sink tokens beside a 1020-token window, a 1024-slot cache), block_size;
+  the rest as for `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Xiao et al. 2023, "
                    "arXiv:2309.17453", train_cost="linear",
                    decode_state="bounded", supports_segments=False)
 
-  def __init__(self, d_model: int, *, rngs: nnx.Rngs, window: int = 6,
-               sinks: int = 2, block_size: int | None = None,
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, window: int = 1020,
+               sinks: int = 4, block_size: int | None = None,
                num_heads: int = 4, num_kv_heads: int | None = None,
                head_dim: int | None = None, position: str | dict = "rope",
                kernel: str = "auto", use_bias: bool = False):
@@ -416,7 +420,8 @@ class Strided(FarSparse):
   (O(L) memory; O(l + L/l) keys read per token).
 
   Options: stride, pattern ("fixed" | "strided"), summary (fixed only,
-  1..stride); the rest as for `attention`.
+  1..stride); defaults are the paper's enwik8 model: fixed, stride 128,
+  summary 32. The rest as for `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Child et al. 2019, "
@@ -424,8 +429,8 @@ class Strided(FarSparse):
                    decode_state="length", supports_segments=False)
   PATTERNS = ("fixed", "strided")
 
-  def __init__(self, d_model: int, *, rngs: nnx.Rngs, stride: int = 4,
-               pattern: str = "fixed", summary: int = 1, num_heads: int = 4,
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, stride: int = 128,
+               pattern: str = "fixed", summary: int = 32, num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
                use_bias: bool = False):
@@ -544,16 +549,18 @@ class BigBird(FarSparse):
   constant number of key blocks read per token). With random blocks and
   grouped kv heads, every query head gathers its own key blocks.
 
-  Options: block_size, window, global_blocks, random_blocks; the rest as
-  for `attention`.
+  Options: block_size, window, global_blocks, random_blocks; defaults are
+  BigBird-ITC's: blocks of 64, a window of 3 blocks (its causal half: the
+  own block and 1 before), 2 global and 3 random blocks. The rest as for
+  `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Zaheer et al. 2020, "
                    "arXiv:2007.14062", train_cost="linear",
                    decode_state="length", supports_segments=False)
 
-  def __init__(self, d_model: int, *, rngs: nnx.Rngs, block_size: int = 2,
-               window: int = 1, global_blocks: int = 1, random_blocks: int = 1,
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs, block_size: int = 64,
+               window: int = 1, global_blocks: int = 2, random_blocks: int = 3,
                num_heads: int = 4, num_kv_heads: int | None = None,
                head_dim: int | None = None, position: str | dict = "rope",
                kernel: str = "auto", use_bias: bool = False):
@@ -617,7 +624,10 @@ class Dilated(FarSparse):
   per token).
 
   Options: segment_lengths, dilation_rates (same length, r divides w, one
-  rate 1); the rest as for `attention`.
+  rate 1); defaults (2048, 4096, 8192) x (1, 2, 4) are the first three
+  branches of the paper's language-model setting (w up to 32768 with
+  r = 1, 2, 4, 6, 12; r = 6 does not divide 16384 here). The rest as for
+  `attention`.
   """
 
   info = MixerInfo(family="attention", paper="Ding et al. 2023, "
@@ -625,8 +635,8 @@ class Dilated(FarSparse):
                    decode_state="length", supports_segments=False)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs,
-               segment_lengths: tuple[int, ...] = (4, 16),
-               dilation_rates: tuple[int, ...] = (1, 4), num_heads: int = 4,
+               segment_lengths: tuple[int, ...] = (2048, 4096, 8192),
+               dilation_rates: tuple[int, ...] = (1, 2, 4), num_heads: int = 4,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                position: str | dict = "rope", kernel: str = "auto",
                use_bias: bool = False):
