@@ -1,6 +1,6 @@
 """`mixerlab` command line: train, eval, sweep, bench, mixers.
 
-    mixerlab train --config configs/tiny.yaml --config configs/mixers/mamba.yaml optimizer.lr=1e-3
+    mixerlab train --config configs/tiny.yaml model.mixer=mamba optimizer.lr=1e-3
     mixerlab eval  --config runs/default/config.yaml
     mixerlab sweep --config configs/sweeps/default.yaml
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
