@@ -150,7 +150,7 @@ def bench_plot(report: dict, path: str) -> str:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   handles, labels = ax_t.get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
-  from train.bench import batching
+  from train.bench.mixers import batching
   fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
                f"{batching(env)}", fontsize=9)
   fig.tight_layout(rect=(0, 0, 0.9, 1))
