@@ -232,8 +232,9 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
               log: Callable[[str], None] = print, skip: Sequence[str] = (),
               retry_failed: bool = False) -> dict:
   """Run every variant not done (nor failed, unless retry_failed, nor in
-  `skip`) into out/runs/<name>, in this process; return `results.write`'s
-  dict (tables and plots under out)."""
+  `skip`) into out/runs/<name>, in this process; write the tables
+  (`results.write`) and plots under out and return results.write's dict,
+  the plots among its files."""
   os.makedirs(out, exist_ok=True)
   cfgs = {v.name: configs.replace(sweep.config(v, overrides), train={
       "run_dir": os.path.join(out, "runs", v.name)}) for v in sweep.variants}
@@ -259,7 +260,10 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
           for v in sweep.variants]
-  return results.write(rows, out, best_lr=sweep.best_lr)
+  written = results.write(rows, out, best_lr=sweep.best_lr)
+  from train import plots  # matplotlib only when writing
+  written["files"] += plots.sweep_plots(written["shown"], out)
+  return written
 
 
 def _running_in(out: str, pid: int) -> tuple[str, dict] | None:
