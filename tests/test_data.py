@@ -1,5 +1,5 @@
-"""train/data/__init__.py and train/data/tasks.py: text and synthetic batches, packing,
-per-host sharding, exact resume, and the errors for bad input."""
+"""train/data/ (the pipeline and tasks.py): text and synthetic batches,
+packing, per-host sharding, exact resume, and the errors for bad input."""
 
 import dataclasses
 import json
