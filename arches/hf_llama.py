@@ -1,6 +1,6 @@
 """Import HuggingFace Llama / Mistral-style decoder weights into DecoderLM.
 
-    model = from_hf_llama(hf_config, hf_state_dict)
+    cfg, params = from_hf(hf_config, hf_state_dict)   # see arches.convert
 
 Works from a state dict of torch tensors or numpy arrays (a checkpoint
 loaded with safetensors or `model.state_dict()`), so the same code serves
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from arches.convert import attention, model_from_params, swiglu, to_numpy
-from arches.lm import DecoderLM, LMConfig
+from arches.convert import Tensors, attention, lm_params, norm, swiglu
+from arches.lm import LMConfig
 
 # HuggingFace rope_type -> (our position scheme, option renames).
 ROPE_TYPES = {
@@ -58,58 +58,49 @@ def rope_spec(config: Any) -> dict:
   return spec
 
 
-def config_from_hf(config: Any, mixer: str = "attention", **mixer_options) -> LMConfig:
+def heads(config) -> tuple[int, int, int]:
+  """(query heads, key/value heads, head_dim) of a Llama-family config."""
+  n = config.num_attention_heads
+  return (n, getattr(config, "num_key_value_heads", None) or n,
+          getattr(config, "head_dim", None) or config.hidden_size // n)
+
+
+def config_from_hf(config: Any) -> LMConfig:
+  """The mixer follows the config: "sliding_window" with HF's window when
+  `config.sliding_window` is set (Mistral; HF's window counts the query
+  itself, as ours does), else dense "attention"."""
   if getattr(config, "mlp_bias", False):
     raise ValueError("mlp_bias=True is not supported: our SwiGLU has no biases")
+  n, kv, head_dim = heads(config)
+  mixer = {"name": "attention", "num_heads": n, "num_kv_heads": kv,
+           "head_dim": head_dim, "position": rope_spec(config)}
+  if getattr(config, "sliding_window", None) is not None:
+    mixer.update(name="sliding_window", window=int(config.sliding_window))
   if getattr(config, "attention_bias", False):  # biases on q, k, v and o
-    mixer_options = {"use_bias": True, "out_bias": True, **mixer_options}
-  heads = config.num_attention_heads
+    mixer.update(use_bias=True, out_bias=True)
   return LMConfig(
       vocab_size=config.vocab_size, d_model=config.hidden_size,
-      n_layers=config.num_hidden_layers,
-      mixer={"name": mixer, "num_heads": heads,
-             "num_kv_heads": getattr(config, "num_key_value_heads", heads),
-             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-             "position": rope_spec(config), **mixer_options},
+      n_layers=config.num_hidden_layers, mixer=mixer,
       channel={"name": "swiglu", "hidden": config.intermediate_size},
       norm="rmsnorm", norm_eps=config.rms_norm_eps,
       tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def params_from_hf(config: Any, state_dict: Mapping[str, Any]) -> dict:
-  """Our parameter dict from a Llama-family state dict."""
-  sd = {k.removeprefix("model."): to_numpy(v) for k, v in state_dict.items()}
-  heads = config.num_attention_heads
-  kv = getattr(config, "num_key_value_heads", heads)
-  hd = getattr(config, "head_dim", None) or config.hidden_size // heads
-  blocks = {}
-  for i in range(config.num_hidden_layers):
-    p = f"layers.{i}."
-    blocks[i] = {
-        "mixer_norm": {"scale": sd[p + "input_layernorm.weight"]},
-        "mixer": attention(sd, p + "self_attn.", heads, kv, hd),
-        "channel_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
-        "channel": swiglu(sd, p + "mlp."),
-    }
-  params = {"embed": {"embedding": sd["embed_tokens.weight"]}, "blocks": blocks,
-            "final_norm": {"scale": sd["norm.weight"]}}
-  if not getattr(config, "tie_word_embeddings", False):
-    params["head"] = {"kernel": sd["lm_head.weight"].T}
-  return params
+def blocks_from_hf(config: Any, sd: Tensors, channel=None) -> dict:
+  """Our blocks from Llama-layout layers; `channel(sd, prefix, layer)`
+  converts each layer's `mlp.` (a SwiGLU unless given: MoE models pass
+  theirs)."""
+  channel = channel or (lambda sd, prefix, _: swiglu(sd, prefix))
+  return {i: {"mixer_norm": norm(sd, f"layers.{i}.input_layernorm"),
+              "mixer": attention(sd, f"layers.{i}.self_attn.", *heads(config)),
+              "channel_norm": norm(sd, f"layers.{i}.post_attention_layernorm"),
+              "channel": channel(sd, f"layers.{i}.mlp.", i)}
+          for i in range(config.num_hidden_layers)}
 
 
-def from_hf_llama(config: Any, state_dict: Mapping[str, Any], *,
-                  mixer: str | None = None, **mixer_options) -> DecoderLM:
-  """A DecoderLM with a HuggingFace Llama-family config and weights.
-
-  The mixer follows the config: "sliding_window" with HF's window when
-  `config.sliding_window` is set (Mistral; HF's window counts the query
-  itself, as ours does), else dense "attention". `mixer`/`mixer_options`
-  override that choice."""
-  if mixer is None:
-    window = getattr(config, "sliding_window", None)
-    mixer = "attention" if window is None else "sliding_window"
-    if window is not None:
-      mixer_options = {"window": int(window), **mixer_options}
-  return model_from_params(config_from_hf(config, mixer, **mixer_options),
-                           params_from_hf(config, state_dict))
+def from_hf(config: Any, state_dict: Mapping[str, Any]) -> tuple[LMConfig, dict]:
+  """(LMConfig, params) of a HuggingFace Llama-family (Llama, Mistral) model."""
+  cfg = config_from_hf(config)
+  sd = Tensors(state_dict, strip="model.")
+  return cfg, lm_params(sd, cfg, blocks_from_hf(config, sd), embed="embed_tokens",
+                        final_norm="norm")

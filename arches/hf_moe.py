@@ -28,9 +28,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from arches.convert import attention, linear, swiglu, to_numpy
+from arches.convert import Tensors, attention, linear, lm_params, norm, swiglu
+from arches.hf_llama import blocks_from_hf as llama_blocks
 from arches.hf_llama import config_from_hf as llama_config
+from arches.hf_llama import heads as llama_heads
 from arches.hf_llama import rope_spec
+from arches.hf_mamba import mamba_mixer
 from arches.lm import LMConfig
 
 
@@ -57,44 +60,19 @@ def _moe(sd, prefix: str, router: str, shared: bool = False) -> dict:
   return out
 
 
-def _tensors(state_dict: Mapping[str, Any]) -> dict:
-  return {k.removeprefix("model."): to_numpy(v) for k, v in state_dict.items()}
-
-
-def _lm_params(config, sd, blocks: dict, final_norm: str) -> dict:
-  params = {"embed": {"embedding": sd["embed_tokens.weight"]}, "blocks": blocks,
-            "final_norm": {"scale": sd[final_norm + ".weight"]}}
-  if not config.tie_word_embeddings:
-    params["head"] = {"kernel": sd["lm_head.weight"].T}
-  return params
-
-
-def _heads(config) -> tuple[int, int, int]:
-  heads = config.num_attention_heads
-  return (heads, config.num_key_value_heads,
-          getattr(config, "head_dim", None) or config.hidden_size // heads)
-
-
 # -- Mixtral ---------------------------------------------------------------------
 
 def mixtral(config, state_dict) -> tuple[LMConfig, dict]:
   _check_act(config)
-  window = getattr(config, "sliding_window", None)
-  cfg = llama_config(config, "attention" if window is None else "sliding_window",
-                     **({} if window is None else {"window": int(window)}))
+  cfg = llama_config(config)
   cfg = dataclasses.replace(cfg, channel={
       "name": "moe", "num_experts": config.num_local_experts,
       "top_k": config.num_experts_per_tok, "hidden": config.intermediate_size,
       "router": "topk_softmax", "balance_weight": float(config.router_aux_loss_coef),
       "z_weight": 0.0})
-  sd = _tensors(state_dict)
-  heads = _heads(config)
-  blocks = {i: {"mixer_norm": {"scale": sd[f"layers.{i}.input_layernorm.weight"]},
-                "mixer": attention(sd, f"layers.{i}.self_attn.", *heads),
-                "channel_norm": {"scale": sd[f"layers.{i}.post_attention_layernorm.weight"]},
-                "channel": _moe(sd, f"layers.{i}.mlp.", "gate")}
-            for i in range(config.num_hidden_layers)}
-  return cfg, _lm_params(config, sd, blocks, "norm")
+  sd = Tensors(state_dict, strip="model.")
+  blocks = llama_blocks(config, sd, channel=lambda sd, p, _: _moe(sd, p, "gate"))
+  return cfg, lm_params(sd, cfg, blocks, embed="embed_tokens", final_norm="norm")
 
 
 # -- Qwen2-MoE -------------------------------------------------------------------
@@ -109,7 +87,7 @@ def qwen2_moe(config, state_dict) -> tuple[LMConfig, dict]:
   if config.use_sliding_window:
     raise ValueError("Qwen2-MoE with use_sliding_window=True is not supported; "
                      "the converter maps full attention only")
-  heads = _heads(config)
+  heads = llama_heads(config)
   moe = {"name": "moe", "num_experts": config.num_experts,
          "top_k": config.num_experts_per_tok, "hidden": config.moe_intermediate_size,
          "router": "softmax_topk", "normalize_gates": bool(config.norm_topk_prob),
@@ -126,27 +104,18 @@ def qwen2_moe(config, state_dict) -> tuple[LMConfig, dict]:
       channel=[moe if m else dense for m in moe_layers],
       norm="rmsnorm", norm_eps=config.rms_norm_eps,
       tie_embeddings=bool(config.tie_word_embeddings))
-  sd = _tensors(state_dict)
-  blocks = {i: {"mixer_norm": {"scale": sd[f"layers.{i}.input_layernorm.weight"]},
-                "mixer": attention(sd, f"layers.{i}.self_attn.", *heads),
-                "channel_norm": {"scale": sd[f"layers.{i}.post_attention_layernorm.weight"]},
-                "channel": (_moe(sd, f"layers.{i}.mlp.", "gate", shared=True) if m
-                            else swiglu(sd, f"layers.{i}.mlp."))}
-            for i, m in enumerate(moe_layers)}
-  return cfg, _lm_params(config, sd, blocks, "norm")
+  sd = Tensors(state_dict, strip="model.")
+  blocks = llama_blocks(config, sd, lambda sd, p, i: (
+      _moe(sd, p, "gate", shared=True) if moe_layers[i] else swiglu(sd, p)))
+  return cfg, lm_params(sd, cfg, blocks, embed="embed_tokens", final_norm="norm")
 
 
 # -- Jamba -----------------------------------------------------------------------
 
 def _jamba_mamba(sd, p: str, inner: int) -> dict:
-  w = lambda name: sd[p + name]
-  return {"in_proj": {"kernel": w("in_proj.weight").T.reshape(-1, 2, inner)},
-          "conv": {"weight": w("conv1d.weight")[:, 0].T, "bias": w("conv1d.bias")},
-          "x_proj": linear(sd, p + "x_proj"),
-          "dt_proj": {"kernel": w("dt_proj.weight").T},
-          "dt_bias": w("dt_proj.bias"), "A_log": w("A_log"), "D": w("D"),
-          "out_proj": linear(sd, p + "out_proj"),
-          **{ours: {"scale": w(f"{hf}_layernorm.weight")}
+  """HF's Mamba mixer plus RMSNorms on dt, B and C."""
+  return {**mamba_mixer(sd, p, inner),
+          **{ours: norm(sd, f"{p}{hf}_layernorm")
              for ours, hf in (("dt_norm", "dt"), ("b_norm", "b"), ("c_norm", "c"))}}
 
 
@@ -155,7 +124,7 @@ def jamba(config, state_dict) -> tuple[LMConfig, dict]:
   if config.mamba_proj_bias or not config.mamba_conv_bias:
     raise ValueError("Jamba with mamba_proj_bias=True or mamba_conv_bias=False "
                      "is not supported; the converter maps the released layout")
-  heads = _heads(config)
+  heads = llama_heads(config)
   attn = {"name": "attention", "num_heads": heads[0], "num_kv_heads": heads[1],
           "head_dim": heads[2], "position": "none"}
   mamba = {"name": "mamba", "expand": config.mamba_expand, "d_state": config.mamba_d_state,
@@ -175,26 +144,26 @@ def jamba(config, state_dict) -> tuple[LMConfig, dict]:
       channel=[moe if n > 1 else dense for n in experts],
       norm="rmsnorm", norm_eps=config.rms_norm_eps,
       tie_embeddings=bool(config.tie_word_embeddings))
-  sd = _tensors(state_dict)
+  sd = Tensors(state_dict, strip="model.")
   inner = config.mamba_expand * config.hidden_size
   blocks = {}
   for i, (kind, n) in enumerate(zip(kinds, experts, strict=True)):
     p = f"layers.{i}."
     blocks[i] = {
-        "mixer_norm": {"scale": sd[p + "input_layernorm.weight"]},
+        "mixer_norm": norm(sd, p + "input_layernorm"),
         "mixer": (attention(sd, p + "self_attn.", *heads) if kind == "attention"
                   else _jamba_mamba(sd, p + "mamba.", inner)),
-        "channel_norm": {"scale": sd[p + "pre_ff_layernorm.weight"]},
+        "channel_norm": norm(sd, p + "pre_ff_layernorm"),
         "channel": (_moe(sd, p + "feed_forward.", "router") if n > 1
                     else swiglu(sd, p + "feed_forward.")),
     }
-  return cfg, _lm_params(config, sd, blocks, "final_layernorm")
+  return cfg, lm_params(sd, cfg, blocks, embed="embed_tokens", final_norm="final_layernorm")
 
 
 CONVERTERS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "jamba": jamba}
 
 
-def from_hf(config, state_dict) -> tuple[LMConfig, dict]:
+def from_hf(config: Any, state_dict: Mapping[str, Any]) -> tuple[LMConfig, dict]:
   """(LMConfig, params) of a HF MoE model from its config and state dict."""
   if config.model_type not in CONVERTERS:
     raise ValueError(f"HF model_type {config.model_type!r} has no MoE converter; "

@@ -1,6 +1,6 @@
-"""HuggingFace transformers RecurrentGemma (Griffin) -> DecoderLM.
+"""HuggingFace transformers RecurrentGemma (Griffin) -> (LMConfig, params).
 
-    model = from_hf(hf_model)
+    cfg, params = from_hf(hf_config, state_dict)   # see arches.convert
 
 Layers follow HF's block_types cycled over depth, as transformers cycles
 them. Recurrent layers become `rglru` mixers; attention layers become
@@ -24,9 +24,14 @@ soft-capped.
 
 from __future__ import annotations
 
-from arches.convert import model_from_params, to_numpy
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from arches.convert import Tensors, attention, conv, linear, lm_params, norm, swiglu
 from arches.hf_llama import rope_spec
-from arches.lm import DecoderLM, LMConfig
+from arches.lm import LMConfig
 
 GELU_TANH = "gelu_pytorch_tanh"
 
@@ -45,7 +50,13 @@ def mixer_specs(c) -> dict:
   }
 
 
-def config_from_hf(hf_config, embed_scale: float) -> LMConfig:
+def embed_scale(hidden_size: int) -> float:
+  """transformers keeps sqrt(hidden_size) as a bf16 buffer and multiplies
+  by that rounded value; the same number."""
+  return float(jnp.asarray(hidden_size ** 0.5, jnp.bfloat16))
+
+
+def config_from_hf(hf_config) -> LMConfig:
   c = hf_config
   if c.hidden_activation != GELU_TANH:
     raise ValueError(f"hidden_activation {c.hidden_activation!r} is not "
@@ -61,75 +72,43 @@ def config_from_hf(hf_config, embed_scale: float) -> LMConfig:
       channel={"name": "swiglu", "hidden": c.intermediate_size // 2,
                "activation": "gelu_tanh", "use_bias": True},
       norm="rmsnorm", norm_eps=c.rms_norm_eps,
-      tie_embeddings=c.tie_word_embeddings, embed_scale=embed_scale,
+      tie_embeddings=c.tie_word_embeddings, embed_scale=embed_scale(c.hidden_size),
       logit_softcap=c.logits_soft_cap)
-
-
-def _dense(sd, name, in_shape=None, out_shape=None):
-  """torch Linear weight [out, in] -> kernel [*in_shape, *out_shape] (head
-  axes split out where given), bias [*out_shape] when HF has one; a bias
-  on one side only is caught by `model_from_params` as a missing or
-  unexpected entry."""
-  w = sd[f"{name}.weight"].T
-  in_shape, out_shape = in_shape or w.shape[:1], out_shape or w.shape[1:]
-  out = {"kernel": w.reshape(*in_shape, *out_shape)}
-  if f"{name}.bias" in sd:
-    out["bias"] = sd[f"{name}.bias"].reshape(out_shape)
-  return out
-
-
-def _rms(sd, name):
-  return {"scale": 1.0 + sd[f"{name}.weight"]}
 
 
 def _recurrent(sd, p, c):
   lru = f"{p}.rg_lru"
   gate = lambda g: {"w": sd[f"{lru}.{g}_gate_weight"], "b": sd[f"{lru}.{g}_gate_bias"]}
-  return {"gate_proj": _dense(sd, f"{p}.linear_y"),
-          "in_proj": _dense(sd, f"{p}.linear_x"),
-          "out_proj": _dense(sd, f"{p}.linear_out"),
-          "conv_w": sd[f"{p}.conv_1d.weight"][:, 0, :].T,  # [W, 1, K] -> [K, W]
-          "conv_b": sd[f"{p}.conv_1d.bias"],
+  conv_wb = conv(sd, f"{p}.conv_1d")
+  return {"gate_proj": linear(sd, f"{p}.linear_y"),
+          "in_proj": linear(sd, f"{p}.linear_x"),
+          "out_proj": linear(sd, f"{p}.linear_out"),
+          "conv_w": conv_wb["weight"], "conv_b": conv_wb["bias"],
           "input_gate": gate("input"), "a_gate": gate("recurrent"),
           "a_param": sd[f"{lru}.recurrent_param"]}
 
 
 def _attention(sd, p, c):
-  D, K = c.hidden_size, c.head_dim
-  split = lambda proj, n: _dense(sd, f"{p}.{proj}_proj", (D,), (n, K))
-  return {"proj": {"q": split("q", c.num_attention_heads),
-                   "k": split("k", c.num_key_value_heads),
-                   "v": split("v", c.num_key_value_heads),
-                   "o": _dense(sd, f"{p}.o_proj", (c.num_attention_heads, K), (D,))}}
+  return attention(sd, f"{p}.", c.num_attention_heads, c.num_key_value_heads, c.head_dim)
 
 
 BLOCKS = {"recurrent": _recurrent, "attention": _attention}
 
 
-def params_from_hf(hf_model) -> dict:
-  c = hf_model.config
-  sd = {k: to_numpy(v) for k, v in hf_model.state_dict().items()}
+def from_hf(config: Any, state_dict: Mapping[str, Any]) -> tuple[LMConfig, dict]:
+  """(LMConfig, params) of a RecurrentGemmaForCausalLM from its config and
+  state dict."""
+  cfg = config_from_hf(config)
+  sd = Tensors(state_dict, strip="model.")
   blocks = {}
-  for i in range(c.num_hidden_layers):
-    p = f"model.layers.{i}"
-    kind = c.block_types[i % len(c.block_types)]
+  for i in range(config.num_hidden_layers):
+    p = f"layers.{i}"
+    kind = config.block_types[i % len(config.block_types)]
     blocks[i] = {
-        "mixer_norm": _rms(sd, f"{p}.temporal_pre_norm"),
-        "channel_norm": _rms(sd, f"{p}.channel_pre_norm"),
-        "mixer": BLOCKS[kind](sd, f"{p}.temporal_block", c),
-        "channel": {ours: _dense(sd, f"{p}.mlp_block.{theirs}") for ours, theirs in
-                    (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))},
+        "mixer_norm": norm(sd, f"{p}.temporal_pre_norm", offset=1.0),
+        "channel_norm": norm(sd, f"{p}.channel_pre_norm", offset=1.0),
+        "mixer": BLOCKS[kind](sd, f"{p}.temporal_block", config),
+        "channel": swiglu(sd, f"{p}.mlp_block."),
     }
-  params = {"embed": {"embedding": sd["model.embed_tokens.weight"]},
-            "blocks": blocks, "final_norm": _rms(sd, "model.final_norm")}
-  if not c.tie_word_embeddings:
-    params["head"] = {"kernel": sd["lm_head.weight"].T}
-  return params
-
-
-def from_hf(hf_model) -> DecoderLM:
-  # transformers keeps sqrt(hidden_size) as a bf16 buffer and multiplies by
-  # that rounded value; use the same number.
-  scale = float(hf_model.model.normalizer.float())
-  return model_from_params(config_from_hf(hf_model.config, scale),
-                           params_from_hf(hf_model))
+  return cfg, lm_params(sd, cfg, blocks, embed="embed_tokens", final_norm="final_norm",
+                        norm_offset=1.0)

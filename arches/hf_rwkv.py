@@ -1,6 +1,6 @@
-"""HuggingFace transformers RWKV-4 (`RwkvForCausalLM`) -> DecoderLM.
+"""HuggingFace transformers RWKV-4 (`RwkvForCausalLM`) -> (LMConfig, params).
 
-    model = from_hf(hf_model)      # a DecoderLM with rwkv4 + rwkv4_channel
+    cfg, params = from_hf(hf_config, state_dict)   # rwkv4 + rwkv4_channel
 
 The block structure is the same as ours: ln0 on the embeddings (our
 embed_norm), then per layer x += time_mix(ln1(x)); x += channel_mix(ln2(x)),
@@ -10,9 +10,11 @@ converter reads `state_dict()` tensors through numpy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 
-from arches.convert import model_from_params, to_numpy
-from arches.lm import DecoderLM, LMConfig
+from arches.convert import Tensors, linear, lm_params, norm
+from arches.lm import LMConfig
 
 # torch.nn.LayerNorm's default eps, which transformers' RWKV uses for ln_out
 # whatever config.layer_norm_epsilon says (ours has one eps for all norms).
@@ -37,53 +39,36 @@ def config_from_hf(hf_config) -> LMConfig:
                   embed_norm=True, tie_embeddings=c.tie_word_embeddings)
 
 
-def _norm(sd, name):
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-
-def _dense(sd, name):
-  return {"kernel": sd[f"{name}.weight"].T}
-
-
-def params_from_hf(hf_model) -> dict:
-  """Our parameter dict from an RwkvForCausalLM's weights."""
-  if hf_model.rwkv.layers_are_rescaled:
-    raise ValueError("the RWKV weights were rescaled in place by an "
-                     "inference forward with rescale_every > 0; convert "
-                     "before running the model, or set rescale_every=0")
-  sd = {k: to_numpy(v) for k, v in hf_model.state_dict().items()}
+def from_hf(config: Any, state_dict: Mapping[str, Any]) -> tuple[LMConfig, dict]:
+  """(LMConfig, params) of an RwkvForCausalLM from its config and state
+  dict. `arches.convert.load` also refuses a live model whose weights
+  transformers rescaled in place."""
+  cfg = config_from_hf(config)
+  sd = Tensors(state_dict, strip="rwkv.")
   flat = lambda a: a.reshape(-1)  # time_mix_* are [1, 1, d]
   blocks = {}
-  for i in range(hf_model.config.num_hidden_layers):
-    p = f"rwkv.blocks.{i}"
-    att, ffn = f"{p}.attention", f"{p}.feed_forward"
+  for i in range(config.num_hidden_layers):
+    att, ffn = f"blocks.{i}.attention", f"blocks.{i}.feed_forward"
     blocks[i] = {
-        "mixer_norm": _norm(sd, f"{p}.ln1"),
-        "channel_norm": _norm(sd, f"{p}.ln2"),
+        "mixer_norm": norm(sd, f"blocks.{i}.ln1"),
+        "channel_norm": norm(sd, f"blocks.{i}.ln2"),
         "mixer": {
             "time_decay": sd[f"{att}.time_decay"],
             "time_first": sd[f"{att}.time_first"],
             "mu_k": flat(sd[f"{att}.time_mix_key"]),
             "mu_v": flat(sd[f"{att}.time_mix_value"]),
             "mu_r": flat(sd[f"{att}.time_mix_receptance"]),
-            **{name: _dense(sd, f"{att}.{name}")
+            **{name: linear(sd, f"{att}.{name}")
                for name in ("key", "value", "receptance", "output")},
         },
         "channel": {
             "mu_k": flat(sd[f"{ffn}.time_mix_key"]),
             "mu_r": flat(sd[f"{ffn}.time_mix_receptance"]),
-            **{name: _dense(sd, f"{ffn}.{name}")
+            **{name: linear(sd, f"{ffn}.{name}")
                for name in ("key", "receptance", "value")},
         },
     }
-  params = {"embed": {"embedding": sd["rwkv.embeddings.weight"]},
-            "embed_norm": _norm(sd, "rwkv.blocks.0.pre_ln"),
-            "blocks": blocks,
-            "final_norm": _norm(sd, "rwkv.ln_out")}
-  if not hf_model.config.tie_word_embeddings:
-    params["head"] = _dense(sd, "head")
-  return params
-
-
-def from_hf(hf_model) -> DecoderLM:
-  return model_from_params(config_from_hf(hf_model.config), params_from_hf(hf_model))
+  params = {"embed_norm": norm(sd, "blocks.0.pre_ln"),
+            **lm_params(sd, cfg, blocks, embed="embeddings", final_norm="ln_out",
+                         head="head")}
+  return cfg, params

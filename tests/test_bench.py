@@ -8,7 +8,8 @@ import shlex
 import numpy as np
 import pytest
 
-from train import bench, cli
+from train.bench import mixers as bench
+from train import cli
 
 
 @pytest.mark.parametrize("k", [1.0, 2.0, 1.5])

@@ -20,9 +20,9 @@ import pytest
 from trainer_fixtures import (KILL_CFG, ToyIter, cache_env, compile_cache,  # noqa: F401
                               eval_batches, tiny_config)
 from arches.validation import ConfigError
-from train.checkpoint import DAMAGED, Checkpointer
+from train.trainer.checkpoint import DAMAGED, Checkpointer
 from train.loop import train
-from train.state import build
+from train.trainer.state import build
 
 pytestmark = pytest.mark.usefixtures("compile_cache")
 CHILD = os.path.join(os.path.dirname(__file__), "trainer_fixtures.py")

@@ -1,5 +1,5 @@
-"""train/data.py and train/tasks.py: text and synthetic batches, packing,
-per-host sharding, exact resume, and the errors for bad input."""
+"""train/data/ (the pipeline and tasks.py): text and synthetic batches,
+packing, per-host sharding, exact resume, and the errors for bad input."""
 
 import dataclasses
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from arches.lm import LMConfig
-from train import data, tasks
+from train import data
+from train.data import tasks
 from train.config import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from arches.hf_llama import from_hf_llama  # noqa: E402
+from arches.convert import load  # noqa: E402
 
 ROPES = {
     "default": None,
@@ -45,7 +45,7 @@ def rel(a, b):
 @pytest.mark.parametrize("rope", list(ROPES))
 def test_logits_match_llama(rope):
   hf = hf_model(ROPES[rope])
-  ours = from_hf_llama(hf.config, hf.state_dict())
+  ours = load(hf)
   tokens = np.random.default_rng(0).integers(0, 97, (2, 24))
   with torch.no_grad():
     want = hf(torch.tensor(tokens)).logits.numpy()
@@ -61,7 +61,7 @@ def test_mqa_mha_tied_biased_and_cached_decoding_match_llama(kv_heads, tie, bias
       for name, p in hf.named_parameters():
         if name.endswith("bias"):
           p.normal_(0.0, 0.3)
-  ours = from_hf_llama(hf.config, hf.state_dict())
+  ours = load(hf)
   tokens = np.random.default_rng(1).integers(0, 97, (1, 12))
   with torch.no_grad():
     want = hf(torch.tensor(tokens)).logits.numpy()
@@ -78,4 +78,4 @@ def test_mqa_mha_tied_biased_and_cached_decoding_match_llama(kv_heads, tie, bias
 def test_unsupported_rope_type_is_refused():
   hf = hf_model({"rope_type": "dynamic", "factor": 2.0})
   with pytest.raises(ValueError, match="rope_type 'dynamic'"):
-    from_hf_llama(hf.config, hf.state_dict())
+    load(hf)

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from arches.hf_mamba import from_hf_mamba, from_hf_mamba2  # noqa: E402
+from arches.convert import load, model_from_params  # noqa: E402
+from arches.hf_mamba import from_hf  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
 B, L, PREFILL = 2, 12, 5
@@ -34,10 +35,10 @@ def hf_model(kind, **overrides):
   torch.manual_seed(0)
   if kind == "mamba":
     cfg = transformers.MambaConfig(**TINY, **overrides)
-    return randomized(transformers.MambaForCausalLM(cfg)), from_hf_mamba
+    return randomized(transformers.MambaForCausalLM(cfg))
   cfg = transformers.Mamba2Config(**TINY, head_dim=16, num_heads=4,
                                   **overrides)
-  return randomized(transformers.Mamba2ForCausalLM(cfg)), from_hf_mamba2
+  return randomized(transformers.Mamba2ForCausalLM(cfg))
 
 
 def hf_logits(model, ids):
@@ -77,8 +78,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_and_decoding_match_hf(case):
   kind, overrides = CASES[case]
-  hf, convert = hf_model(kind, **overrides)
-  ours = convert(hf)
+  hf = hf_model(kind, **overrides)
+  ours = load(hf)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (B, L)), jnp.int32)
   hf_full, hf_steps = hf_logits(hf, ids)
   assert rel_err(hf_steps, hf_full) < 1e-5  # HF's own two paths agree
@@ -87,16 +88,17 @@ def test_logits_and_decoding_match_hf(case):
 
 
 def test_converter_rejects_what_it_cannot_map():
-  hf, _ = hf_model("mamba")
+  hf = hf_model("mamba")
   state = dict(hf.state_dict())
+  convert = lambda config: model_from_params(*from_hf(config, state))
   with pytest.raises(ValueError, match="HF config"):
-    from_hf_mamba(state, transformers.MambaConfig(**TINY, hidden_act="gelu"))
+    convert(transformers.MambaConfig(**TINY, hidden_act="gelu"))
   state["backbone.layers.0.mixer.extra"] = state["backbone.layers.0.mixer.D"]
   with pytest.raises(ValueError, match="not used.*extra"):
-    from_hf_mamba(state, hf.config)
+    convert(hf.config)
   del state["backbone.layers.0.mixer.extra"], state["backbone.layers.1.mixer.D"]
-  with pytest.raises(ValueError, match="no tensor 'backbone.layers.1.mixer.D'"):
-    from_hf_mamba(state, hf.config)
+  with pytest.raises(ValueError, match="no tensor 'layers.1.mixer.D'"):
+    convert(hf.config)
   state["backbone.layers.1.mixer.D"] = state["backbone.layers.0.mixer.A_log"]
   with pytest.raises(ValueError, match="shape"):
-    from_hf_mamba(state, hf.config)
+    convert(hf.config)

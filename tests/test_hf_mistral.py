@@ -9,9 +9,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import dataclasses  # noqa: E402
+
 import jax.numpy as jnp  # noqa: E402
 
-from arches.hf_llama import from_hf_llama  # noqa: E402
+from arches.convert import model_from_params  # noqa: E402
+from arches.hf_llama import from_hf  # noqa: E402
 
 WINDOW, LENGTH = 5, 23
 
@@ -42,8 +45,11 @@ def mistral():
 def ours(hf, **options):
   # HF masks keys with kv_idx <= q_idx - sliding_window: `window` keys
   # including the query, which is our `window`. The importer reads it from
-  # the config and picks `sliding_window` by itself.
-  model = from_hf_llama(hf.config, hf.state_dict(), **options)
+  # the config and picks `sliding_window` by itself; `options` override
+  # the converted mixer's.
+  cfg, params = from_hf(hf.config, hf.state_dict())
+  cfg = dataclasses.replace(cfg, mixer={**cfg.mixer, **options})
+  model = model_from_params(cfg, params)
   assert type(model.blocks[0].mixer).registered_name == "sliding_window"
   return model
 

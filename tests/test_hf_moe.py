@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from arches.convert import model_from_params  # noqa: E402
+from arches.convert import load  # noqa: E402
 from arches.hf_moe import from_hf  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_attention_heads=4,
@@ -63,8 +63,7 @@ def hf_and_ours(name):
       for n, p in hf.named_parameters():
         if n.endswith("mlp.gate.weight"):
           p.normal_(0.0, 0.3)
-  cfg, params = from_hf(hf.config, hf.state_dict())
-  return hf, model_from_params(cfg, params)
+  return hf, load(hf)
 
 
 CONFIGS_CLASSES = {"mixtral": transformers.MixtralForCausalLM,

@@ -21,8 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from arches.hf_llama import rope_spec  # noqa: E402
-from arches.hf_recurrentgemma import (config_from_hf, from_hf,  # noqa: E402
-                                      mixer_specs)
+from arches.convert import load  # noqa: E402
+from arches.hf_recurrentgemma import config_from_hf, mixer_specs  # noqa: E402
 from layers import mixers  # noqa: E402
 from mixer_contract import rel_err  # noqa: E402
 
@@ -47,7 +47,7 @@ def models():
       p.add_((0.3 if "recurrent_param" in name else 0.1) * torch.randn_like(p))
       if any(f"{x}_proj.weight" in name for x in "qk"):
         p.mul_(2.5)  # peaked attention: mean top probability ~0.9, not ~0.57
-  return hf, from_hf(hf)
+  return hf, load(hf)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def hf_run(models, tokens):
 
 
 def test_converted_config_is_griffins():
-  cfg = config_from_hf(hf_config(), 1.0)
+  cfg = config_from_hf(hf_config())
   names = [name for name, _ in cfg.mixer_specs()]
   assert names == ["rglru", "rglru", "sliding_window", "rglru"]
   local = cfg.mixer_specs()[2][1]
@@ -125,7 +125,7 @@ def test_attention_layer_matches_and_can_fail(models, hf_run):
 
 def test_refuses_unknown_block_types():
   with pytest.raises(ValueError, match="unknown.*mlp"):
-    config_from_hf(hf_config(block_types=["recurrent", "mlp"]), 1.0)
+    config_from_hf(hf_config(block_types=["recurrent", "mlp"]))
 
 
 def test_partial_rotation_needs_default_rope():

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from arches.hf_rwkv import from_hf  # noqa: E402
+from arches.convert import load  # noqa: E402
 from mixer_contract import rel_err  # noqa: E402
 
 VOCAB, L = 64, 12
@@ -27,7 +27,7 @@ def models():
   with torch.no_grad():  # move every weight off its structured init
     for p in hf.parameters():
       p.add_(0.2 * torch.randn_like(p))
-  return hf, from_hf(hf)
+  return hf, load(hf)
 
 
 def test_logits_match_full_sequence(models):
@@ -67,6 +67,6 @@ def test_refuses_rescaled_weights(models):
   hf.rwkv.layers_are_rescaled = True
   try:
     with pytest.raises(ValueError, match="rescale_every"):
-      from_hf(hf)
+      load(hf)
   finally:
     hf.rwkv.layers_are_rescaled = False

@@ -394,8 +394,8 @@ def test_remat_grad_accumulation_and_the_aux_loss_in_the_objective():
   step only reads, and two micro-batches give the big batch's nll, loads
   and (with the nonlinear aux losses weighted 0) gradients; weighted, the
   aux losses enter the summed objective as count * aux loss."""
-  from train.state import build as build_setup
-  from train.step import accumulate
+  from train.trainer.state import build as build_setup
+  from train.trainer.step import accumulate
   batch = ToyIter().batch(0)
   outs = []
   for remat, accum, weight in ((False, 1, 0.0), (True, 2, 0.0), (False, 1, 1.0)):
@@ -418,10 +418,10 @@ def test_remat_grad_accumulation_and_the_aux_loss_in_the_objective():
 
 
 def test_training_logs_moe_stats_and_a_resume_keeps_the_bias_exact(tmp_path, compile_cache):
-  from train.checkpoint import Checkpointer
+  from train.trainer.checkpoint import Checkpointer
   from train.loop import train
   from train.results import markdown, row
-  from train.state import build as build_setup
+  from train.trainer.state import build as build_setup
   run_dir = str(tmp_path / "run")
   cfg = moe_run_config(run_dir)
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4,
@@ -486,7 +486,7 @@ def test_moe_vs_dense_sweep_is_at_equal_active_flops_and_runs_at_smoke_size(
 
 
 def test_bench_moe_runs_at_smoke_size_and_reports_the_target(tmp_path, capsys):
-  from train import bench_moe
+  from train.bench import moe as bench_moe
   from train.cli import main
   out = str(tmp_path / "bench")
   assert main(["bench-moe", "--experts", "2,4", "--d-model", "8", "--hidden", "8",

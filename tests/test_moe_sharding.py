@@ -11,9 +11,9 @@ import pytest
 from fresh_process import result, start_on_cpu_devices
 from trainer_fixtures import ToyIter, cache_env, compile_cache, tiny_config  # noqa: F401
 from train.config import MeshConfig
-from train.sharding import check_expert_parallel, shard_batch
-from train.state import build
-from train.step import make_train_step
+from train.trainer.sharding import check_expert_parallel, shard_batch
+from train.trainer.state import build
+from train.trainer.step import make_train_step
 
 MOE = {"name": "moe", "num_experts": 4, "hidden": 16, "dispatch": "capacity",
        "capacity_factor": 1.0, "router": "sigmoid_bias", "bias_update_rate": 0.01}
@@ -49,7 +49,7 @@ sys.path.insert(0, "tests")
 import jax
 from test_moe_sharding import _losses_and_experts, moe_config
 from train.config import MeshConfig
-from train.state import build
+from train.trainer.state import build
 assert len(jax.devices()) == 8, jax.devices()
 out = {name: _losses_and_experts(MeshConfig(**mesh)) for name, mesh in
        (("data_x_expert", dict(data=2, expert=4)), ("fsdp_x_expert", dict(fsdp=2, expert=4)))}

@@ -11,9 +11,9 @@ from fresh_process import result, start_on_cpu_devices
 from trainer_fixtures import (ToyIter, cache_env, compile_cache,  # noqa: F401
                               tiny_config)
 from train.config import MeshConfig
-from train.sharding import check_rules, make_mesh, partition_spec, shard_batch
-from train.state import build
-from train.step import make_train_step
+from train.trainer.sharding import check_rules, make_mesh, partition_spec, shard_batch
+from train.trainer.state import build
+from train.trainer.step import make_train_step
 
 RULES = {"embed": "fsdp", "mlp": "data"}
 

@@ -10,9 +10,6 @@ import pytest
 from layers import mixers
 from train import configs, plots, results, sweep
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
-
-
 def sweep_file(tmp_path, text):
   (tmp_path / "base.yaml").write_text(
       "model: {d_model: 32, n_layers: 1}\ntrain: {steps: 3}\n")
@@ -72,10 +69,15 @@ def test_grid_times_variants_expands_with_stable_names(tmp_path):
 
 
 def test_registered_axis_has_one_run_per_mixer(tmp_path):
-  path = sweep_file(tmp_path, f"base: base.yaml\ngrid:\n  mixer: {{registered: {ROOT}/mixers}}\n")
+  path = sweep_file(tmp_path, "base: base.yaml\ngrid:\n  mixer: registered\n")
   sw = sweep.load(path)
   assert [v.name for v in sw.variants] == mixers.names()
-  assert sw.config(sw.variants[0]).model.d_model == 32  # base not reset by include
+  assert [sw.config(v).model.mixer for v in sw.variants] == mixers.names()
+  assert sw.config(sw.variants[0]).model.d_model == 32  # the base still applies
+  with pytest.raises(configs.ConfigError, match="'mixer'.*list of paths or registered"):
+    sweep.load(sweep_file(tmp_path, "grid:\n  mixer: {registered: ../mixers}\n"))
+  with pytest.raises(configs.ConfigError, match="'task'.*list of paths, got 'registered'"):
+    sweep.load(sweep_file(tmp_path, "grid:\n  task: registered\n"))
 
 
 def test_inline_base_and_list_values(tmp_path):

@@ -18,15 +18,15 @@ from trainer_fixtures import (ToyIter, compile_cache, count_compiles,  # noqa: F
                               eval_batches, tiny_config)
 from arches.validation import ConfigError
 from train import configs
-from train import eval as evaluation
-from train import metrics, optim
-from train.checkpoint import Checkpointer
+from train.trainer import eval as evaluation
+from train.trainer import metrics, optim
+from train.trainer.checkpoint import Checkpointer
 from train.config import DataConfig, OptimizerConfig
 from train.loop import NonFiniteLossError, evaluate, run, train
-from train.rundir import check_writable, record_differences
-from train.sharding import shard_batch
-from train.state import build
-from train.step import make_eval_step, make_train_step, summed_grads
+from train.trainer.rundir import check_writable, record_differences
+from train.trainer.sharding import shard_batch
+from train.trainer.state import build
+from train.trainer.step import make_eval_step, make_train_step, summed_grads
 
 TOY = {"corpus_fingerprint": "toy"}
 pytestmark = pytest.mark.usefixtures("compile_cache")

@@ -1,6 +1,6 @@
 """`mixerlab` command line: train, eval, sweep, bench, mixers.
 
-    mixerlab train --config configs/tiny.yaml --config configs/mixers/mamba.yaml optimizer.lr=1e-3
+    mixerlab train --config configs/tiny.yaml model.mixer=mamba optimizer.lr=1e-3
     mixerlab eval  --config runs/default/config.yaml
     mixerlab sweep --config configs/sweeps/default.yaml
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
@@ -105,7 +105,7 @@ def _bench_flags(p: argparse.ArgumentParser, spec_class):
 def cmd_bench(args) -> int:
   from arches.lm import normalize_spec
   from layers import mixers
-  from train import bench
+  from train.bench import mixers as bench
   fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchSpec)}
   config_args = [a for c in args.config for a in ("--config", c)] + args.overrides
   if args.config or args.overrides:  # bench the config's mixers at its width
@@ -128,7 +128,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_moe(args) -> int:
-  from train import bench_moe
+  from train.bench import moe as bench_moe
   spec = bench_moe.MoEBenchSpec(**{f.name: getattr(args, f.name)
                                    for f in dataclasses.fields(bench_moe.MoEBenchSpec)})
   cmd = bench_moe.command(spec)
@@ -139,7 +139,7 @@ def cmd_bench_moe(args) -> int:
 
 
 def cmd_mixers(args) -> int:
-  from train import bench
+  from train.bench import mixers as bench
   print(bench.mixer_table(args.d_model, args.length, args.batch))
   return 0
 
@@ -179,12 +179,12 @@ def parser() -> argparse.ArgumentParser:
   s.set_defaults(func=cmd_sweep)
   s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
-  from train.bench import BenchSpec
+  from train.bench.mixers import BenchSpec
   _bench_flags(s, BenchSpec)
   s.set_defaults(func=cmd_bench)
   s = add("bench-moe", help="MoE layer time/memory vs number of experts at fixed "
           "active parameters")
-  from train.bench_moe import MoEBenchSpec
+  from train.bench.moe import MoEBenchSpec
   _bench_flags(s, MoEBenchSpec)
   s.set_defaults(func=cmd_bench_moe)
   s = add("mixers", help="list registered mixers with size and forward time")

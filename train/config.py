@@ -20,11 +20,12 @@ from arches.lm import LMConfig
 from arches.validation import (NON_EMPTY, ConfigError, Rule, above, at_least,
                                check_fields, each, one_of, within)
 from train import data
+from train.trainer import optim, sharding
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """See train/data.py. `seed` fixes the text train/validation split and the
+  """See train/data/__init__.py. `seed` fixes the text train/validation split and the
   validation set; the training order comes from the trainer's seed."""
   task: str = "text"          # "text" | "mqar" | "selective_copy" | "induction"
   path: str = ""              # text: file, folder or glob; "" = the embedded corpus
@@ -58,7 +59,6 @@ class OptimizerConfig:
   eps: float = 1e-8           # AdamW only
 
   def __post_init__(self):
-    from train import optim  # optim imports this module
     unit = within(0, 1, open_hi=True)
     check_fields(self, "optimizer", name=one_of(optim.OPTIMIZERS), lr=above(0),
                  b1=unit, b2=unit, weight_decay=at_least(0),
@@ -105,7 +105,6 @@ class MeshConfig:
       default_factory=lambda: {"embed": "fsdp", "experts": "expert"})
 
   def __post_init__(self):
-    from train import sharding  # sharding imports this module
     check_fields(self, "mesh", fsdp=at_least(1), expert=at_least(1), data=Rule(
         lambda v: v == -1 or v >= 1, "-1 (every device fsdp and expert leave) or >= 1"))
     sharding.check_rules(self.rules)
@@ -120,6 +119,5 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def __post_init__(self):
-    from train import sharding  # sharding imports this module
     data.check_compatible(self.data, self.model)
     sharding.check_expert_parallel(self.model, self.mesh.expert)

@@ -1,7 +1,7 @@
 """Config files -> `train.config.Config`.
 
-    cfg = load(["configs/mixers/mamba.yaml"], ["optimizer.lr=3e-4",
-                                                "model.mixer=[mamba,mamba,attention]"])
+    cfg = load(["configs/tiny.yaml"], ["optimizer.lr=3e-4",
+                                       "model.mixer=[mamba,mamba,attention]"])
 
 A config file is YAML shaped like `Config` (sections model, data, optimizer,
 train, mesh), holding only the keys it changes. Its optional `include:` (a

@@ -7,9 +7,9 @@ run_dir gets config.yaml (the run record: the resolved config, written
 once the resume check has passed; `configs.load` reads it back), data.json
 (data.describe: task, sizes, the corpus fingerprint), metrics.jsonl, tb/
 (TensorBoard), checkpoints/ and summary.json. Starting a run whose run_dir
-holds checkpoints resumes from the latest readable one (train/checkpoint.py):
+holds checkpoints resumes from the latest readable one (train/trainer/checkpoint.py):
 parameters, optimizer, step, rng and data position, so the loss curve
-continues as if never interrupted. train/rundir.py says what may change on
+continues as if never interrupted. train/trainer/rundir.py says what may change on
 resume; the changes allowed are logged to metrics.jsonl as a "resume"
 event at the step resumed from (they apply from the next step on).
 
@@ -28,14 +28,15 @@ import time
 import jax
 import numpy as np
 
-from train import configs, data, rundir
-from train import eval as evaluation
-from train.checkpoint import Checkpointer
+from train import configs, data
+from train.trainer import rundir
+from train.trainer import eval as evaluation
+from train.trainer.checkpoint import Checkpointer
 from train.config import Config
-from train.metrics import RunLog, StepTimer, aux_summary, mfu, peak_memory_bytes
-from train.sharding import shard_batch
-from train.state import Setup, TrainState, build
-from train.step import check_batch_shape, make_eval_step, make_train_step
+from train.trainer.metrics import RunLog, StepTimer, aux_summary, mfu, peak_memory_bytes
+from train.trainer.sharding import shard_batch
+from train.trainer.state import Setup, TrainState, build
+from train.trainer.step import check_batch_shape, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -120,9 +120,9 @@ def sweep_plots(rows: Sequence[dict], out: str) -> list[str]:
           loss_curves(rows, os.path.join(out, "loss_curves.png"))]
 
 
-def bench_plot(report: dict, path: str) -> str:
+def bench_plot(report: dict, path: str, title: str) -> str:
   """Log-log: forward+backward time and temp memory per sequence vs length,
-  decode time per token vs context; one line per mixer."""
+  decode time per token vs context; one line per mixer, under `title`."""
   fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(19, 5.5))
   colors = matplotlib.colormaps["tab20"].colors
   for i, m in enumerate(report["mixers"]):
@@ -150,9 +150,7 @@ def bench_plot(report: dict, path: str) -> str:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   handles, labels = ax_t.get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
-  from train.bench import batching
-  fig.suptitle(f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
-               f"{batching(env)}", fontsize=9)
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout(rect=(0, 0, 0.9, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)

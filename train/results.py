@@ -120,10 +120,10 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
 
 
 def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
-  """Write results.{csv,md} (and results_best_lr.* when asked) and the plots
-  under `out`; return {"rows", "shown", "files"}. `shown` are the rows the
-  plots use: the best-lr rows when best_lr, else all."""
-  from train import plots  # matplotlib only when writing
+  """Write results.{csv,md} (and results_best_lr.* when asked) under `out`;
+  return {"rows", "shown", "files"}. `shown` are the rows the plots
+  (train.plots, which reads this module) use: the best-lr rows when
+  best_lr, else all."""
   files = []
   tables = [("results", rows)] + ([("results_best_lr", best_of_lr(rows))] if best_lr else [])
   for stem, rs in tables:
@@ -132,5 +132,4 @@ def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
       f.write(markdown(rs))
     files += [os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".md")]
   shown = tables[-1][1]
-  files += plots.sweep_plots(shown, out)
   return {"rows": list(rows), "shown": list(shown), "files": files}

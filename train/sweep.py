@@ -7,7 +7,7 @@ A sweep file (YAML):
     overrides: [train.steps=40]     # optional, for every run
     grid:                           # optional; the product of its axes
       task: [../tasks/text.yaml, ../tasks/mqar.yaml]   # an axis of config files
-      mixer: {registered: ../mixers}  # <dir>/<name>.yaml per registered mixer
+      mixer: registered             # every registered mixer, at its defaults
       optimizer.lr: [1.0e-3, 3.0e-3]  # a dotted key: an axis of values
     variants:                       # optional; explicit runs (times the grid)
       - {name: griffin, files: [../hybrids/griffin.yaml]}
@@ -16,7 +16,10 @@ A sweep file (YAML):
     timeout_s: 300                  # a run still going after this is failed
 
 Paths are relative to the sweep file. A grid key with a dot is a config
-key; any other key names an axis of config files. Each run gets a stable
+key; any other key names an axis of config files, except `mixer:
+registered`: one run per mixer in `layers.mixers.names()`, each as
+`model.mixer=<name>` (a mixer that needs other options is a variant with
+its file or dotted keys). Each run gets a stable
 directory name from its axis values (or the variant's `name`), under
 <out>/runs/. Files merge in the order base, grid axes, variant files (each
 once, see `train.configs`), then overrides: sweep, grid, variant, command line.
@@ -106,13 +109,12 @@ def _axis(key: str, values, here: str) -> list[tuple[str, dict]]:
     if not isinstance(values, list):
       raise configs.ConfigError(f"grid axis {key!r} needs a list of values, got {values!r}")
     return [(_label(key, v), {"overrides": [_override(key, v)]}) for v in values]
-  if isinstance(values, Mapping) and set(values) == {"registered"}:
-    folder = os.path.join(here, values["registered"])
-    return [(n, {"files": [os.path.join(folder, f"{n}.yaml")]}) for n in mixers.names()]
+  if key == "mixer" and values == "registered":
+    return [(n, {"overrides": [_override("model.mixer", n)]}) for n in mixers.names()]
   if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
     raise configs.ConfigError(
         f"grid axis {key!r} (no dot: an axis of config files) needs a list of "
-        f"paths or {{registered: <dir>}}, got {values!r}")
+        f"paths{' or registered' if key == 'mixer' else ''}, got {values!r}")
   return [(os.path.splitext(os.path.basename(v))[0], {"files": [os.path.join(here, v)]})
           for v in values]
 
@@ -230,8 +232,9 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
               log: Callable[[str], None] = print, skip: Sequence[str] = (),
               retry_failed: bool = False) -> dict:
   """Run every variant not done (nor failed, unless retry_failed, nor in
-  `skip`) into out/runs/<name>, in this process; return `results.write`'s
-  dict (tables and plots under out)."""
+  `skip`) into out/runs/<name>, in this process; write the tables
+  (`results.write`) and plots under out and return results.write's dict,
+  the plots among its files."""
   os.makedirs(out, exist_ok=True)
   cfgs = {v.name: configs.replace(sweep.config(v, overrides), train={
       "run_dir": os.path.join(out, "runs", v.name)}) for v in sweep.variants}
@@ -257,7 +260,10 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
     _write_json(os.path.join(out, STATE), state)
   rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
           for v in sweep.variants]
-  return results.write(rows, out, best_lr=sweep.best_lr)
+  written = results.write(rows, out, best_lr=sweep.best_lr)
+  from train import plots  # matplotlib only when writing
+  written["files"] += plots.sweep_plots(written["shown"], out)
+  return written
 
 
 def _running_in(out: str, pid: int) -> tuple[str, dict] | None:

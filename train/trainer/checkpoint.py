@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from arches.validation import ConfigError
-from train.state import TrainState
+from train.trainer.state import TrainState
 
 logger = logging.getLogger("mixerlab.checkpoint")
 DAMAGED = "damaged_checkpoints"  # beside the checkpoints directory

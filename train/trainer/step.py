@@ -15,7 +15,7 @@ Models with auxiliary outputs (mixture-of-experts layers, `DecoderLM.with_aux`)
 add their weighted auxiliary losses to the objective: each micro-batch
 contributes count * aux_loss to the summed loss, so after the division the
 update follows mean nll + (token-weighted mean) aux loss. Their statistics
-are logged per layer (`train.metrics.aux_metrics`), and their balancing steps
+are logged per layer (`train.trainer.metrics.aux_metrics`), and their balancing steps
 outside the gradient (DeepSeek-V3's router bias) update the non-parameter
 state `TrainState.buffers` after each step, from the loads of the whole
 batch. The forward runs under `expert_parallel(mesh)`, so MoE layers with
@@ -31,10 +31,10 @@ from flax import nnx
 
 from arches.validation import ConfigError
 from layers.channel.dispatch import expert_parallel
-from train.metrics import aux_metrics
-from train.optim import learning_rate
-from train.sharding import batch_divisor, batch_sharding
-from train.state import Setup, TrainState
+from train.trainer.metrics import aux_metrics
+from train.trainer.optim import learning_rate
+from train.trainer.sharding import batch_divisor, batch_sharding
+from train.trainer.state import Setup, TrainState
 
 
 def masked_nll(logits_BxLxV, batch):

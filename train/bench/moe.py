@@ -29,7 +29,7 @@ from flax import nnx
 from layers import channel
 from layers.channel.dispatch import DISPATCHES
 from layers.params import count_params
-from train.bench import _blocking, _inputs, _opt, cpu_name, medians_in_turns
+from train.bench.mixers import _blocking, _inputs, _opt, cpu_name, medians_in_turns
 
 TARGET = 1.5  # dropless time at the largest E over the smallest, at most
 

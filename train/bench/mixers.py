@@ -290,7 +290,10 @@ def _write(report: dict, out: str, plot: bool) -> None:
     os.replace(tmp, os.path.join(out, name))
   if plot:
     from train import plots  # matplotlib only when writing
-    plots.bench_plot(report, os.path.join(out, "bench.png"))
+    env = report["environment"]
+    plots.bench_plot(report, os.path.join(out, "bench.png"),
+                     f"{env['device']}, {env['dtype']}, d_model={env['d_model']}, "
+                     f"{batching(env)}")
 
 
 def _finished(spec: BenchSpec, env: dict) -> dict:

@@ -25,7 +25,7 @@ documents concatenated in corpus order.
     into pieces of at most L, laid next-fit in corpus order into rows of L.
     A document's last byte is never an input, so no target crosses a
     segment boundary.
-Synthetic tasks (train/tasks.py) generate example i from (stream, seed, i).
+Synthetic tasks (train/data/tasks.py) generate example i from (stream, seed, i).
 
 The stream: the global batch of step k is positions k*B .. k*B+B-1 of an
 infinite example sequence. For text, positions e*n .. e*n+n-1 are epoch e,
@@ -58,7 +58,7 @@ import numpy as np
 
 from arches.validation import ConfigError, above, at_least, check_fields, one_of, within
 from layers import mixers
-from train.tasks import TASKS, Rng, permutation
+from train.data.tasks import TASKS, Rng, permutation
 
 TEXT_VOCAB = 256
 TASK_NAMES = ("text", *TASKS)

@@ -12,12 +12,12 @@ import numpy as np
 
 from train import data
 from train.config import DataConfig
-from train.sharding import batch_divisor, shard_batch
-from train.state import Setup, TrainState
+from train.trainer.sharding import batch_divisor, shard_batch
+from train.trainer.state import Setup, TrainState
 
 
 def byte_level(data_cfg: DataConfig) -> bool:
-  """The text task is byte-level (train/data.py: one token per byte), so
+  """The text task is byte-level (train/data/__init__.py: one token per byte), so
   bits per byte is the loss in bits; synthetic tasks report accuracy."""
   return data_cfg.task == "text"
 

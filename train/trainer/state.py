@@ -17,7 +17,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from arches.lm import DecoderLM, LMConfig
-from train import optim, sharding
+from train.trainer import optim, sharding
 from train.config import Config
 
 

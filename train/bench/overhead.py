@@ -1,7 +1,7 @@
 """Trainer overhead: the steady-state step of `train.loop` against a bare
 jitted loss + grad + update loop of the same model and optimizer.
 
-    python -m train.bench_overhead [--d-model 128 --layers 2 --seq-len 128 ...]
+    python -m train.bench.overhead [--d-model 128 --layers 2 --seq-len 128 ...]
 
 The bare loop feeds one device-resident batch and reads nothing back until
 the end: the floor. The trainer pays for what a real run needs (a host
@@ -28,10 +28,10 @@ import optax
 from arches.lm import LMConfig
 from train.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from train.loop import Trainer
-from train.metrics import RunLog
-from train.sharding import shard_batch
-from train.state import Setup, build
-from train.step import forward, masked_nll
+from train.trainer.metrics import RunLog
+from train.trainer.sharding import shard_batch
+from train.trainer.state import Setup, build
+from train.trainer.step import forward, masked_nll
 
 
 class RepeatBatch:

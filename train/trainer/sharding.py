@@ -20,6 +20,7 @@ train state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -31,7 +32,9 @@ from arches.validation import ConfigError
 from layers import channel
 from layers.channel.dispatch import EXPERT_AXIS
 from layers.params import AXES as LOGICAL_AXES
-from train.config import MeshConfig
+
+if TYPE_CHECKING:  # config checks mesh rules with this module
+  from train.config import MeshConfig
 
 AXES = ("data", "fsdp", EXPERT_AXIS)
 BATCH_AXES = AXES  # the batch dimension is split over every mesh axis

@@ -6,13 +6,15 @@ OPTIMIZERS and DECAYS when it is built."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.config import OptimizerConfig
+if TYPE_CHECKING:  # config checks its values against this module's tables
+  from train.config import OptimizerConfig
 
 
 def _cosine(t):
