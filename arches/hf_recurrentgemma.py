@@ -88,8 +88,8 @@ def _recurrent(sd, p, c):
   return {"gate_proj": _dense(sd, f"{p}.linear_y"),
           "in_proj": _dense(sd, f"{p}.linear_x"),
           "out_proj": _dense(sd, f"{p}.linear_out"),
-          "conv_w": sd[f"{p}.conv_1d.weight"][:, 0, :].T,  # [W, 1, K] -> [K, W]
-          "conv_b": sd[f"{p}.conv_1d.bias"],
+          "conv": {"weight": sd[f"{p}.conv_1d.weight"][:, 0, :].T,  # [W, 1, K] -> [K, W]
+                   "bias": sd[f"{p}.conv_1d.bias"]},
           "input_gate": gate("input"), "a_gate": gate("recurrent"),
           "a_param": sd[f"{lru}.recurrent_param"]}
 
