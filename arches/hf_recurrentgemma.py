@@ -79,11 +79,10 @@ def config_from_hf(hf_config) -> LMConfig:
 def _recurrent(sd, p, c):
   lru = f"{p}.rg_lru"
   gate = lambda g: {"w": sd[f"{lru}.{g}_gate_weight"], "b": sd[f"{lru}.{g}_gate_bias"]}
-  conv_wb = conv(sd, f"{p}.conv_1d")
   return {"gate_proj": linear(sd, f"{p}.linear_y"),
           "in_proj": linear(sd, f"{p}.linear_x"),
           "out_proj": linear(sd, f"{p}.linear_out"),
-          "conv_w": conv_wb["weight"], "conv_b": conv_wb["bias"],
+          "conv": conv(sd, f"{p}.conv_1d"),
           "input_gate": gate("input"), "a_gate": gate("recurrent"),
           "a_param": sd[f"{lru}.recurrent_param"]}
 

@@ -266,19 +266,24 @@ class ALiBi(Position):
     return -slopes.reshape((1, -1) + (1,) * (dist.ndim - 2)) * dist.astype(jnp.float32)
 
 
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+  """[B, L] bool: True at the first token of every segment of a packed row,
+  the row's first token included (a segment starts wherever the id
+  changes, and at position 0)."""
+  return jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool),
+       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
   """Position of each token within its segment: [B, L] int32.
 
   Packed rows restart positions at every segment boundary, so a document
   sees the same positions packed as alone.
   """
-  L = segment_ids.shape[1]
-  idx = jnp.arange(L, dtype=jnp.int32)
-  starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool),
-       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return idx - start_idx
+  idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  starts = segment_starts(segment_ids)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 @register("xpos")

@@ -6,6 +6,12 @@ required positional ones) are its *options*; their annotations are the
 option types. `build` checks names and types before calling, so a typo in a
 config file fails with a message that names the bad key and the accepted
 ones instead of a TypeError deep inside a module.
+
+A parameter annotated with a dataclass (e.g. `attn: AttentionOptions`)
+contributes that dataclass's fields as flat options: options shared by a
+family are declared once and `build` regroups them. A constructor may also
+define `check_options(options)` (a classmethod) for checks that need more
+than a type, such as kernel names.
 """
 
 from __future__ import annotations
@@ -83,19 +89,41 @@ class Option:
     return f"{self.name}: {type_name(self.annotation)} = {self.default!r}"
 
 
-def options_of(fn: Callable, positional: tuple[str, ...]) -> dict[str, Option]:
-  """Options of `fn` (a function or class): its parameters other than
-  `positional`, `self` and `rngs`."""
+def _parameters(fn: Callable, positional: tuple[str, ...]):
+  """(name, annotation, default) of `fn`'s option parameters."""
   target = fn.__init__ if isinstance(fn, type) else fn
-  sig = inspect.signature(target)
   hints = typing.get_type_hints(target)
-  out = {}
-  for name, p in sig.parameters.items():
+  for name, p in inspect.signature(target).parameters.items():
     if name in positional or name in ("self", "rngs"):
       continue
     if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
       continue
-    out[name] = Option(name, hints.get(name, p.annotation), p.default)
+    yield name, hints.get(name, p.annotation), p.default
+
+
+def composed(fn: Callable, positional: tuple[str, ...]) -> dict[str, type]:
+  """Parameters of `fn` whose annotation is an options dataclass."""
+  return {name: ann for name, ann, _ in _parameters(fn, positional)
+          if isinstance(ann, type) and dataclasses.is_dataclass(ann)}
+
+
+def options_of(fn: Callable, positional: tuple[str, ...]) -> dict[str, Option]:
+  """Options of `fn` (a function or class): its parameters other than
+  `positional`, `self` and `rngs`, with the fields of an options dataclass
+  in place of the parameter that takes it."""
+  out = {}
+  for name, ann, default in _parameters(fn, positional):
+    if isinstance(ann, type) and dataclasses.is_dataclass(ann):
+      hints = typing.get_type_hints(ann)
+      fields = [Option(f.name, hints[f.name], f.default)
+                for f in dataclasses.fields(ann)]
+    else:
+      fields = [Option(name, ann, default)]
+    for option in fields:
+      if option.name in out:
+        raise TypeError(f"{fn.__name__}: option {option.name!r} is declared "
+                        "twice (a parameter and an options dataclass field)")
+      out[option.name] = option
   return out
 
 
@@ -108,10 +136,20 @@ class Registry(Generic[T]):
       constructor (e.g. ("d_model",)); they are not options.
   """
 
-  def __init__(self, kind: str, positional: tuple[str, ...] = ()):
+  def __init__(self, kind: str, positional: tuple[str, ...] = (),
+               load: Callable[[], None] | None = None):
     self.kind = kind
     self.positional = positional
     self._entries: dict[str, Callable[..., T]] = {}
+    # Imports the modules that register entries, on first lookup, so that
+    # importing a module beside the registry does not import them all.
+    self._load = load
+
+  def _loaded(self) -> dict[str, Callable[..., T]]:
+    if self._load is not None:
+      load, self._load = self._load, None
+      load()
+    return self._entries
 
   def register(self, name: str):
     def deco(ctor):
@@ -123,13 +161,13 @@ class Registry(Generic[T]):
     return deco
 
   def names(self) -> list[str]:
-    return list(self._entries)
+    return list(self._loaded())
 
   def get(self, name: str) -> Callable[..., T]:
     if not isinstance(name, str):
       raise OptionError(
           f"{self.kind} name must be a string, got {type(name).__name__}")
-    if name not in self._entries:
+    if name not in self._loaded():
       raise ValueError(
           f"unknown {self.kind} {name!r}.{_close(name, self._entries)} "
           f"Registered: {', '.join(sorted(self._entries))}.")
@@ -152,8 +190,27 @@ class Registry(Generic[T]):
         raise OptionError(
             f"{self.kind} {name!r} option {key!r} must be {type_name(ann)}, "
             f"got {value!r} ({type(value).__name__}).")
+    ctor = self.get(name)
+    try:
+      self._grouped(ctor, options)  # runs the dataclasses' own checks
+    except (TypeError, ValueError) as e:
+      raise OptionError(f"{self.kind} {name!r}: {e}") from None
+    check = getattr(ctor, "check_options", None)
+    if check is not None:
+      check(options)
+
+  def _grouped(self, ctor, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the fields of each options dataclass gathered into
+    an instance of it, under its parameter's name."""
+    out = dict(options)
+    for param, cls in composed(ctor, self.positional).items():
+      fields = {f.name for f in dataclasses.fields(cls)}
+      mine = {k: out.pop(k) for k in list(out) if k in fields}
+      if mine:
+        out[param] = cls(**mine)
+    return out
 
   def build(self, name: str, *args, **options) -> T:
     self.validate(name, {k: v for k, v in options.items()
                          if k != "rngs" and k not in self.positional})
-    return self.get(name)(*args, **options)
+    return self.get(name)(*args, **self._grouped(self.get(name), options))

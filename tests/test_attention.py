@@ -11,7 +11,7 @@ from flax import nnx
 
 from layers import mixers, positions
 from layers.kernels.attention import ATTENTION, reference
-from layers.mixers.attention import KVCache
+from layers.blocks.attention import KVCache
 
 
 def rand(seed, shape, dtype=jnp.float32):

@@ -50,7 +50,7 @@ def torch_causal_conv(a, weight_CxK, bias):
 
 def conv_weight(m):
   """The mixer's taps as PyTorch's depthwise weight [C, K] and bias."""
-  taps = f64(m.conv.taps[...])
+  taps = f64(m.conv.weight[...])
   bias = None if m.conv.bias is None else f64(m.conv.bias[...])
   return taps.reshape(taps.shape[0], -1).T, bias
 
@@ -141,7 +141,7 @@ class Delayed(nnx.Module):
 
   def __init__(self, conv):
     self.conv = conv
-    self.taps, self.bias = conv.taps, conv.bias
+    self.weight, self.bias = conv.weight, conv.bias
 
   def __call__(self, x, state=None, segment_ids=None):
     y, state = self.conv(x, state, segment_ids)

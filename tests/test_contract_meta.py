@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 import mixer_contract as mc
-from layers.mixers.attention import Attention, KVCache
+from layers.blocks.attention import KVCache
+from layers.mixers.attention import Attention
 
 
 class LeaksFuture(Attention):

@@ -173,7 +173,7 @@ def test_mixer_forms_agree_and_match_equation(name):
                   jnp.float32)
   ys = {}
   for form in FORMS:
-    m = mixers.build(name, 32, rngs=nnx.Rngs(0), form=form, chunk_size=5,
+    m = mixers.build(name, 32, rngs=nnx.Rngs(0), kernel=form, chunk_size=5,
                      **OPTIONS.get(name, {}))
     ys[form] = full(m, x)
   want = NAIVE[name](m, x)
@@ -275,7 +275,8 @@ def test_xpos_matches_rope_at_equal_positions_and_decays_with_distance():
 # -- bad options -------------------------------------------------------------
 
 @pytest.mark.parametrize("name,options,match", [
-    ("linear_attention", {"form": "fast"}, r"form 'fast'.*chunked"),
+    ("linear_attention", {"kernel": "fast"},
+     r"unknown linear_attention kernel 'fast'.*chunked"),
     ("retnet", {"chunk_size": 0}, "chunk_size"),
     ("gla", {"gate_temperature": 0.0}, "gate_temperature"),
     ("performer", {"num_features": 0}, "num_features"),

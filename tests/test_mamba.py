@@ -109,7 +109,7 @@ def test_ssd_forms_match_quadratic_form():
   for form in LINEAR_ATTENTION.names():
     y, h_BxHxNxP = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"],
                        state=jnp.swapaxes(a["h0"], -1, -2),
-                       segment_ids=segment_ids, form=form, chunk_size=CHUNK)
+                       segment_ids=segment_ids, kernel=form, chunk_size=CHUNK)
     assert y.dtype == h_BxHxNxP.dtype == jnp.float32
     assert rel_err(y, y_ref) <= 1e-5, (form, rel_err(y, y_ref))
     h = jnp.swapaxes(h_BxHxNxP, -1, -2)
@@ -136,7 +136,7 @@ def test_s6_forms_agree_in_gradients():
     ("mamba", dict(d_state=4), dict(kernel="sequential"),
      dict(kernel="chunked")),
     ("mamba2", dict(d_state=8, head_dim=16, n_groups=2),
-     dict(form="recurrent"), dict(form="chunked"))])
+     dict(kernel="recurrent"), dict(kernel="chunked"))])
 def test_mixer_forms_agree_with_segments(name, opts, seq, chunk):
   seq = mixers.build(name, 32, rngs=nnx.Rngs(0), **seq, **opts)
   chunk = mixers.build(name, 32, rngs=nnx.Rngs(0), chunk_size=5, **chunk,
@@ -165,12 +165,13 @@ def test_reference_inits():
     ("mamba", dict(dt_rank=0), "dt_rank must be an int >= 1"),
     ("mamba", dict(chunk_size=0), "chunk_size must be an int >= 1"),
     ("mamba", dict(d_state=2.5), "d_state.*must be int"),
-    ("mamba", dict(kernel="cuda"), "unknown kernel 'cuda'.*chunked"),
+    ("mamba", dict(kernel="cuda"), "unknown selective_scan kernel 'cuda'.*chunked"),
     ("mamba", dict(dt_min=0.5, dt_max=0.1), "dt_min <= dt_max"),
     ("mamba2", dict(d_conv=0), "d_conv must be an int >= 1"),
     ("mamba2", dict(head_dim=48), "not a multiple of head_dim=48"),
     ("mamba2", dict(head_dim=16, n_groups=3), "not a multiple of n_groups=3"),
-    ("mamba2", dict(form="associative"), "unknown form 'associative'"),
+    ("mamba2", dict(kernel="associative"),
+     "unknown linear_attention kernel 'associative'.*chunked"),
 ])
 def test_bad_options(name, opts, match):
   with pytest.raises(ValueError, match=match):

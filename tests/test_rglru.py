@@ -45,14 +45,14 @@ def naive_block(p, x):
   dense = lambda z, q: z @ q["kernel"] + q["bias"]
   gate = gelu_tanh(dense(x, p["gate_proj"]))
   u = dense(x, p["in_proj"])
-  K, W = p["conv_w"].shape
+  K, W = p["conv"]["weight"].shape
   H = p["input_gate"]["w"].shape[0]
   blocks = lambda z, q: (np.einsum("bhi,hij->bhj", z.reshape(z.shape[0], H, -1), q["w"])
                          + q["b"]).reshape(z.shape)
   h = np.zeros((x.shape[0], W))
   out = []
   for t in range(x.shape[1]):
-    conv = p["conv_b"] + sum(p["conv_w"][K - 1 - j] * u[:, t - j]
+    conv = p["conv"]["bias"] + sum(p["conv"]["weight"][K - 1 - j] * u[:, t - j]
                              for j in range(K) if t - j >= 0)
     r, i = sigmoid(blocks(conv, p["a_gate"])), sigmoid(blocks(conv, p["input_gate"]))
     a = sigmoid(-p["a_param"]) ** (8 * r)  # a_t = sigma(Lambda)^(c r_t)
@@ -72,7 +72,7 @@ def test_rglru_block_matches_naive_equations_in_both_forms():
     q["bias"] = 0.3 * rng.standard_normal(q["bias"].shape)
   for q in (p["input_gate"], p["a_gate"]):
     q["w"], q["b"] = 20 * q["w"], 0.3 * rng.standard_normal(q["b"].shape)
-  p["conv_b"] = 0.3 * rng.standard_normal(p["conv_b"].shape)
+  p["conv"]["bias"] = 0.3 * rng.standard_normal(p["conv"]["bias"].shape)
   nnx.update(m, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), p))
   x = rng.standard_normal((B, L, D))
   ref = naive_block(p, x)

@@ -60,7 +60,7 @@ def naive_wkv6(r, k, v, logw, u, S, reset=RESET):
 FORMS4 = {"recurrent": jax.jit(wkv4_recurrent),
           **{f"chunk{c}": jax.jit(functools.partial(wkv4_chunked, chunk_size=c))
              for c in (4, 64)}}
-FORMS6 = {f"{form}{c}": functools.partial(wkv6, form=form, chunk_size=c)
+FORMS6 = {f"{form}{c}": functools.partial(wkv6, kernel=form, chunk_size=c)
           for form, c in (("recurrent", 4), ("parallel", 4), ("chunked", 4),
                           ("chunked", 64))}
 
@@ -168,7 +168,7 @@ def test_rwkv6_mixer_matches_paper_equations_in_both_forms():
   y = y * p["out_gate"]["scale"] + p["out_gate"]["bias"]
   g = np.einsum("bld,dhk->blhk", xg, p["out_gate"]["gate"]["kernel"])
   ref = np.einsum("blhk,hkd->bld", y * g * sigmoid(g), p["output"]["kernel"])
-  assert_forms_match(m, x, ref, "form", ("recurrent", "parallel", "chunked"))
+  assert_forms_match(m, x, ref, "kernel", ("recurrent", "parallel", "chunked"))
 
 
 def test_rwkv_channel_matches_equation_and_decodes_with_segments():
@@ -198,7 +198,8 @@ def test_rwkv_channel_matches_equation_and_decodes_with_segments():
 
 @pytest.mark.parametrize("name,options,match", [
     ("rwkv4", {"kernel": "cuda"}, "unknown wkv4 kernel"),
-    ("rwkv6", {"form": "fused", "head_dim": 16}, "unknown form"),
+    ("rwkv6", {"kernel": "fused", "head_dim": 16},
+     "unknown linear_attention kernel 'fused'"),
     ("rwkv6", {"chunk_size": 0, "head_dim": 16}, "chunk_size"),
     ("rwkv6", {"head_dim": 5}, "multiple of head_dim"),
     ("rwkv6", {"head_dim": 0}, "multiple of head_dim"),

@@ -12,7 +12,9 @@ from layers.kernels.fftconv import causal_conv, conv_rows
 from layers.kernels.ssm import (bilinear_conj_dplr, diag_scan, discretize_diag,
                                 dplr_kernel, vandermonde_kernel)
 from layers.mixers.dss import inv_geometric_sum
-from layers.ssm import ShortConv, hippo_legs_nplr, s4d_eigenvalues
+from layers.blocks.conv import ShortConv
+from layers.blocks.ssm import hippo_legs_nplr, s4d_eigenvalues
+from layers.params import fan_in_init
 
 # The contract suite's shapes and the mixers' default sizes, so that compiled
 # programs are shared with it when the suite runs in one process.
@@ -412,7 +414,7 @@ def test_h3_matches_naive_multihead():
   m = mixers.build("h3", D, rngs=nnx.Rngs(0), **WIDE_DT)
   x = jnp.asarray(rng(10).standard_normal((B, L, D)), jnp.float32)
   q, k, v = (np.asarray(f(x), np.float64) for f in (m.q, m.k, m.v))  # [B,L,H,d]
-  kbar = naive_conv(k, f64(m.shift.taps)[::-1])
+  kbar = naive_conv(k, f64(m.shift.weight)[::-1])
   kv = np.einsum("blhi,blhj->blijh", kbar, v)
   Abar, Bbar, C = s4d_numpy(m.ssm)
   s = naive_diag_ssm(Abar, Bbar, C, kv) + f64(m.ssm.D) * kv
@@ -422,9 +424,10 @@ def test_h3_matches_naive_multihead():
 
 
 def test_short_conv_pieces_match_naive():
-  conv = ShortConv((2, 3), 4, rngs=nnx.Rngs(0), axes=(None, "embed"))
+  conv = ShortConv((2, 3), 4, rngs=nnx.Rngs(0), axes=(None, "embed"),
+                   bias_init=fan_in_init(4))  # non-zero, so the bias counts
   x = rng(11).standard_normal((B, L, 2, 3))
-  ref = naive_conv(x, f64(conv.taps)[::-1])
+  ref = naive_conv(x, f64(conv.weight)[::-1])
   ref = ref + f64(conv.bias)
   x32 = jnp.asarray(x, jnp.float32)
   y, _ = conv(x32)
@@ -442,7 +445,7 @@ def test_hyena_matches_naive(order):
   m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=order, filter_scale=8)
   x = jnp.asarray(rng(12).standard_normal((B, L, D)), jnp.float32)
   u = np.asarray(m.in_proj(x), np.float64)                    # [B, L, N+1, D]
-  u = naive_conv(u, f64(m.short.taps)[::-1])
+  u = naive_conv(u, f64(m.short.weight)[::-1])
   u = u + f64(m.short.bias)
   h = np.asarray(m.filter(L), np.float64)                     # [L, N-1, D]
   bias = f64(m.bias)

@@ -1,4 +1,4 @@
-"""RWKV channel mix, and the token shift that RWKV's mixers share."""
+"""RWKV channel mix."""
 
 from __future__ import annotations
 
@@ -8,49 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.shift import lerp, shift_ramp, token_shift
 from layers.channel import ChannelMixer, _hidden, register
 from layers.params import Dense, param
-from layers.positions import segment_positions
 
 
 @struct.dataclass
 class ShiftState:
   """The last token seen, [B, d_model] (zeros before the first)."""
   last: jax.Array
-
-
-def token_shift(x_BxLxD: jax.Array, last_BxD: jax.Array | None = None,
-                segment_ids: jax.Array | None = None) -> jax.Array:
-  """x_{t-1} for every t: `last` (or zeros) before the first token, and
-  zeros at the first token of every segment of a packed row. x is
-  [B, L, ...]; last is x's trailing shape."""
-  first = (jnp.zeros_like(x_BxLxD[:, :1]) if last_BxD is None
-           else last_BxD[:, None].astype(x_BxLxD.dtype))
-  prev = jnp.concatenate([first, x_BxLxD[:, :-1]], axis=1)
-  if segment_ids is None:
-    return prev
-  starts = segment_starts(x_BxLxD, segment_ids)
-  starts = starts.reshape(starts.shape + (1,) * (x_BxLxD.ndim - 2))
-  return jnp.where(starts, 0, prev).astype(x_BxLxD.dtype)
-
-
-def segment_starts(x_BxLxD, segment_ids):
-  """[B, L] bool, True at the first token of every segment (the row's
-  first included); all False without segment_ids."""
-  if segment_ids is None:
-    return jnp.zeros(x_BxLxD.shape[:2], bool)
-  return segment_positions(segment_ids) == 0
-
-
-def mix(x, prev, mu):
-  """lerp from the previous token to the current one: x mu + prev (1 - mu)."""
-  return prev + (x - prev) * mu.astype(x.dtype)
-
-
-def shift_ramp(d: int, power: float, offset: float = 0.0) -> jax.Array:
-  """mu_i = (i / d)^power + offset: the RWKV token-shift init, which
-  spreads channels from 'mostly previous token' to 'mostly current'."""
-  return (jnp.arange(d, dtype=jnp.float32) / d) ** power + offset
 
 
 @register("rwkv4_channel")
@@ -81,8 +47,8 @@ class RWKVChannel(ChannelMixer):
       raise ValueError("rwkv4_channel: segment_ids are for full-sequence "
                        "calls, not with a cache")
     prev = token_shift(x, None if cache is None else cache.last, segment_ids)
-    k = jnp.square(jax.nn.relu(self.key(mix(x, prev, self.mu_k[...]))))
-    y = jax.nn.sigmoid(self.receptance(mix(x, prev, self.mu_r[...]))) * self.value(k)
+    k = jnp.square(jax.nn.relu(self.key(lerp(x, prev, self.mu_k[...]))))
+    y = jax.nn.sigmoid(self.receptance(lerp(x, prev, self.mu_r[...]))) * self.value(k)
     if cache is None:
       return y
     return y, ShiftState(x[:, -1].astype(cache.last.dtype))

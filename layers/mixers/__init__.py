@@ -6,8 +6,9 @@
 
 Adding a mixer: write one module in this package that subclasses
 `layers.mixers.base.Mixer` and decorate the class with
-`@register("name")`. Every module here is imported on package import, so
-the contract suite, configs, sweeps and benchmarks pick it up.
+`@register("name")`. Every module here is imported on the registry's
+first lookup, so the contract suite, configs, sweeps and benchmarks pick
+it up.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from flax import nnx
 from layers.mixers.base import Mixer, MixerInfo
 from layers.registry import Registry
 
-REGISTRY: Registry[Mixer] = Registry("sequence mixer", ("d_model",))
+
+def _import_mixers() -> None:
+  for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if m.name != "base":
+      importlib.import_module(f"{__name__}.{m.name}")
+
+
+REGISTRY: Registry[Mixer] = Registry("sequence mixer", ("d_model",),
+                                     load=_import_mixers)
 register = REGISTRY.register
 names = REGISTRY.names
 options = REGISTRY.options
@@ -34,8 +43,3 @@ def build(name: str, d_model: int, *, rngs: nnx.Rngs, **options) -> Mixer:
 
 def info(name: str) -> MixerInfo:
   return REGISTRY.get(name).info
-
-
-for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-  if _m.name != "base" and not _m.name.startswith("_"):
-    importlib.import_module(f"{__name__}.{_m.name}")

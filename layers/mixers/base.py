@@ -14,7 +14,12 @@ shard like parameters.
 
 Class metadata (`info`) declares the family, the paper and the costs;
 `flops_per_token(seq_len)` gives model FLOPs per token for MFU. Options are
-the keyword arguments of `__init__`; the registry validates them.
+the keyword arguments of `__init__` (an options dataclass among them, e.g.
+`layers.blocks.attention.AttentionOptions`, gives its fields); the registry
+validates them. `kernel_ops` names the op (`layers.kernels.Op`) that each
+kernel-choice option picks from: the option is "auto" or one of the op's
+implementations, checked when a config is loaded; the mixer itself only
+passes it to `Op.choose`.
 
 Past the cache: a piece that cannot fit is a ValueError when the cache
 position is concrete (eager calls); under jit the position is traced, so
@@ -25,11 +30,17 @@ the outputs of an overflowing call are NaN instead of silently wrong.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from layers.registry import OptionError
+
+if TYPE_CHECKING:
+  from layers.kernels import Op
 
 # How training cost grows with sequence length L -> expected exponent k in
 # time ~ L^k (n log n is measured as slightly above 1).
@@ -57,6 +68,19 @@ class Mixer(nnx.Module):
   """Base class; see the module docstring for the contract."""
 
   info: ClassVar[MixerInfo]
+  # Kernel-choice option name -> the op it picks an implementation of.
+  kernel_ops: ClassVar[Mapping[str, "Op"]] = {}
+
+  @classmethod
+  def check_options(cls, options: Mapping[str, Any]) -> None:
+    """Registry hook: every kernel-choice option names one of its op's
+    implementations, or "auto"."""
+    for key, op in cls.kernel_ops.items():
+      value = options.get(key, "auto")
+      if value != "auto" and value not in op.names():
+        raise OptionError(
+            f"{cls.registered_name}: option {key}: unknown {op.name} kernel "
+            f"{value!r}; choose 'auto' or one of {op.names()}")
 
   def __call__(self, x: jax.Array, *, cache: Any = None,
                segment_ids: jax.Array | None = None):

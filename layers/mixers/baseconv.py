@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.conv import ShortConv
 from layers.kernels.fftconv import (CAUSAL_CONV, causal_conv, conv_rows,
                                     fft_conv_flops)
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, check_room, poison_overflow
-from layers.params import Dense
-from layers.ssm import ShortConv, check_kernel
+from layers.params import Dense, fan_in_init
 
 LAYOUTS = ("based", "zoology")
 
@@ -108,7 +108,8 @@ class BaseConv(Mixer):
     else:
       self.proj = projection(d_model, rngs)
       self.conv = ShortConv((d_model,), kernel_size, rngs=rngs,
-                            axes=("embed",), use_bias=True)
+                            axes=("embed",), use_bias=True,
+                            bias_init=fan_in_init(kernel_size))
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
@@ -124,12 +125,10 @@ class BaseConv(Mixer):
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     del max_len  # the state does not grow with length
-    channels = self.conv.taps.shape[1:]
-    return ConvCache(jnp.zeros((batch_size, self.conv.width - 1, *channels),
-                               dtype))
+    return ConvCache(self.conv.init_state(batch_size, dtype))
 
   def flops_per_token(self, seq_len):
-    channels = math.prod(self.conv.taps.shape[1:])
+    channels = math.prod(self.conv.weight.shape[1:])
     if self.layout == "based":
       dense = self.in_proj.kernel.size + self.out_proj.kernel.size
       return 2.0 * dense + self.conv.flops_per_token() + channels
@@ -220,12 +219,13 @@ class BaseConvLong(Mixer):
   info = MixerInfo(family="long_conv", paper="Arora et al. 2023, "
                    "arXiv:2312.04927", train_cost="n log n",
                    decode_state="length", supports_segments=False)
+  kernel_ops = {"kernel": CAUSAL_CONV}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, use_act: bool = False,
                filter_width: int = 16, filter_pos_dim: int = 3,
                filter_scale: int = 2048, kernel: str = "auto"):
     self.use_act = use_act
-    self.kernel = check_kernel(CAUSAL_CONV, kernel)
+    self.kernel = kernel
     self.proj = projection(d_model, rngs)
     self.filter = ImplicitLongFilter(d_model, rngs=rngs, pos_dim=filter_pos_dim,
                                      width=filter_width, scale=filter_scale)

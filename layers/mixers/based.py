@@ -9,10 +9,10 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.blocks.attention import resolve_heads
+from layers.blocks.linear import FeatureAttention
 from layers.mixers import register
-from layers.mixers.attention import resolve_heads
 from layers.mixers.base import MixerInfo
-from layers.mixers.linear_attention import FeatureAttention
 
 
 def taylor_features(x):
@@ -54,7 +54,7 @@ class Based(FeatureAttention):
   offered: the Based models use as many value heads as query heads.
 
   Options: num_heads (reference 16), head_dim (default d_model //
-  num_heads), feature_dim F (reference and default 16); form ("chunked",
+  num_heads), feature_dim F (reference and default 16); kernel ("auto", "chunked",
   "parallel", "recurrent") and chunk_size of the shared kernel.
   """
 
@@ -64,12 +64,12 @@ class Based(FeatureAttention):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, feature_dim: int = 16,
-               form: str = "chunked", chunk_size: int = 64):
+               kernel: str = "auto", chunk_size: int = 64):
     if feature_dim < 1:
       raise ValueError(f"based: feature_dim must be >= 1, got {feature_dim}")
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads,
-                     key_dim=feature_dim, head_dim=head_dim, form=form,
+                     key_dim=feature_dim, head_dim=head_dim, kernel=kernel,
                      chunk_size=chunk_size)
     self.feature_dim = 1 + feature_dim + feature_dim ** 2
 

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.kernels.fftconv import CAUSAL_CONV
+from layers.blocks.lti import LTIMixer
+from layers.blocks.ssm import (DiagonalLTI, GatedOutput, as_complex,
+                               check_state_dim, complex_normal, complex_param,
+                               hippo_legs_nplr, log_dt_param, normal_param)
 from layers.mixers import register
-from layers.mixers._lti import LTIMixer
 from layers.mixers.base import MixerInfo
 from layers.params import param
-from layers.ssm import (DiagonalLTI, GatedOutput, as_complex, check_kernel,
-                        check_state_dim, complex_normal, complex_param,
-                        hippo_legs_nplr, log_dt_param, normal_param)
 
 
 def inv_geometric_sum(z: jax.Array, n: int, eps: float = 1e-7) -> jax.Array:
@@ -95,5 +94,5 @@ class DSS(LTIMixer):
                kernel: str = "auto"):
     self.core = DSSSSM(d_model, state_dim, rngs=rngs, norm_len=norm_len,
                        dt_min=dt_min, dt_max=dt_max,
-                       kernel=check_kernel(CAUSAL_CONV, kernel))
+                       kernel=kernel)
     self.out = GatedOutput(d_model, "glu", rngs=rngs)

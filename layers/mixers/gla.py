@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.blocks.attention import resolve_heads
+from layers.blocks.linear import LinearMixer
+from layers.blocks.recurrent import GatedHeadNorm
 from layers.mixers import register
-from layers.mixers.attention import resolve_heads
 from layers.mixers.base import MixerInfo
-from layers.mixers.linear_attention import GatedHeadNorm, LinearMixer
 from layers.params import Dense
 
 
@@ -27,12 +28,12 @@ class GLA(LinearMixer):
   uses secondary chunks (see `layers.kernels.linear_attention`).
 
   Cost: training O(L C d) time with the chunked form (chunk C), O(L^2 d_k)
-  memory with `form="parallel"`; decode O(1) per token with a constant fp32
+  memory with `kernel="parallel"`; decode O(1) per token with a constant fp32
   state of num_heads * key_dim * head_dim values.
 
   Options: num_heads; head_dim (value width per head, default d_model //
   num_heads); key_dim (per head, default head_dim // 2 as the paper's
-  d_k = d / 2); gate_rank, gate_temperature (tau); form ("chunked",
+  d_k = d / 2); gate_rank, gate_temperature (tau); kernel ("auto", "chunked",
   "parallel", "recurrent"); chunk_size.
   """
 
@@ -43,11 +44,11 @@ class GLA(LinearMixer):
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, key_dim: int | None = None,
                gate_rank: int = 16, gate_temperature: float = 16.0,
-               form: str = "chunked", chunk_size: int = 64):
+               kernel: str = "auto", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     key_dim = max(head_dim // 2, 1) if key_dim is None else key_dim
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=key_dim,
-                     head_dim=head_dim, form=form, chunk_size=chunk_size)
+                     head_dim=head_dim, kernel=kernel, chunk_size=chunk_size)
     if gate_temperature <= 0:
       raise ValueError(f"gla: gate_temperature must be > 0, got {gate_temperature}")
     self.temperature = gate_temperature

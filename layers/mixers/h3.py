@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.conv import ShortConv
+from layers.blocks.ssm import S4DSSM, SSMState
 from layers.kernels.fftconv import CAUSAL_CONV
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.params import Dense
-from layers.ssm import S4DSSM, ShortConv, SSMState, check_kernel
 
 
 @struct.dataclass
@@ -53,6 +54,7 @@ class H3(Mixer):
   info = MixerInfo(family="ssm", paper="Fu et al. 2023, arXiv:2212.14052",
                    train_cost="n log n", decode_state="constant",
                    supports_segments=False)
+  kernel_ops = {"kernel": CAUSAL_CONV}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 8,
                state_dim: int = 64, shift_dim: int = 64, dt_min: float = 1e-3,
@@ -72,7 +74,7 @@ class H3(Mixer):
     self.shift = ShortConv((heads, head_dim), shift_dim, rngs=rngs,
                            axes=("heads", "head_dim"), use_bias=False)
     self.ssm = S4DSSM(heads, state_dim, rngs=rngs, dt_min=dt_min, dt_max=dt_max,
-                      kernel=check_kernel(CAUSAL_CONV, kernel), axis="heads")
+                      kernel=kernel, axis="heads")
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
@@ -88,10 +90,9 @@ class H3(Mixer):
     return y if cache is None else (y, H3Cache(shift_state, ssm_state))
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
-    heads = self.ssm.modes[0]
     d = self.head_dim
-    shift = jnp.zeros((batch_size, self.shift.width - 1, heads, d), dtype)
-    return H3Cache(shift, self.ssm.init_state((batch_size, d, d)))
+    return H3Cache(self.shift.init_state(batch_size, dtype),
+                   self.ssm.init_state((batch_size, d, d)))
 
   def flops_per_token(self, seq_len):
     projections = 2.0 * sum(m.kernel.size for m in (self.q, self.k, self.v, self.o))

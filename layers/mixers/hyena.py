@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.conv import ShortConv
+from layers.blocks.ssm import normal_param
 from layers.kernels.fftconv import (CAUSAL_CONV, causal_conv, conv_rows,
                                     fft_conv_flops)
 from layers.mixers import register
 from layers.mixers.base import (Mixer, MixerInfo, check_room, poison_overflow)
-from layers.params import Dense, constant_init, param
-from layers.ssm import ShortConv, check_kernel, normal_param
+from layers.params import Dense, constant_init, fan_in_init, param
 
 
 class ImplicitFilter(nnx.Module):
@@ -113,6 +114,7 @@ class Hyena(Mixer):
   info = MixerInfo(family="long_conv", paper="Poli et al. 2023, arXiv:2302.10866",
                    train_cost="n log n", decode_state="length",
                    supports_segments=False)
+  kernel_ops = {"kernel": CAUSAL_CONV}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, order: int = 2,
                filter_width: int = 64, filter_pos_dim: int = 5,
@@ -122,11 +124,12 @@ class Hyena(Mixer):
       raise ValueError(f"order must be >= 2 (order - 1 long convolutions), "
                        f"got {order}")
     self.order = order
-    self.kernel = check_kernel(CAUSAL_CONV, kernel)
+    self.kernel = kernel
     self.in_proj = Dense(d_model, (order + 1, d_model), in_axes=("embed",),
                          out_axes=(None, "embed"), rngs=rngs, use_bias=True)
     self.short = ShortConv((order + 1, d_model), short_len, rngs=rngs,
-                           axes=(None, "embed"))
+                           axes=(None, "embed"),
+                           bias_init=fan_in_init(short_len))
     self.filter = ImplicitFilter((order - 1, d_model), rngs=rngs,
                                  pos_dim=filter_pos_dim, width=filter_width,
                                  scale=filter_scale)
@@ -170,9 +173,9 @@ class Hyena(Mixer):
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     B, d = batch_size, self.out_proj.kernel.shape[0]
-    conv = jnp.zeros((B, self.short.width - 1, self.order + 1, d), dtype)
     history = jnp.zeros((B, max_len, self.order - 1, d), jnp.float32)
-    return HyenaCache(conv, history, jnp.zeros((), jnp.int32))
+    return HyenaCache(self.short.init_state(B, dtype), history,
+                      jnp.zeros((), jnp.int32))
 
   def flops_per_token(self, seq_len):
     d = self.out_proj.kernel.shape[0]

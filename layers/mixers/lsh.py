@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.attention import resolve_heads
+from layers.blocks.sparse import (BlockSparseMixer, Fixed, check_positive,
+                                  pos_meta)
 from layers.kernels.block_sparse import merge
 from layers.mixers import register
-from layers.mixers.attention import resolve_heads
 from layers.mixers.base import MixerInfo, positions_for
-from layers.mixers.sparse_attention import (BlockSparseMixer, Fixed,
-                                            check_positive, pos_meta)
 from layers.params import Dense
 
 # Reformer's score for a token attending to itself (HF transformers uses

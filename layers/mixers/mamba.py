@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.conv import ShortConv
 from layers.kernels import linear_attention as la
-from layers.kernels.conv1d import causal_conv1d
 from layers.kernels.selective_scan import SELECTIVE_SCAN, s6_flops_per_token
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.norms import RMSNorm
-from layers.params import Dense, constant_init, fan_in_init, param
-from layers.positions import segment_positions
+from layers.params import Dense, constant_init, param
+from layers.positions import segment_starts
 
 F32 = jnp.float32
 
@@ -64,33 +64,10 @@ def dt_bias_init(dt_min: float, dt_max: float, floor: float = 1e-4):
   return init
 
 
-class ShortConv(nnx.Module):
-  """Causal depthwise conv over time followed by SiLU, with decode state."""
-
-  def __init__(self, channels: int, width: int, axis: str | None, *,
-               rngs: nnx.Rngs, use_bias: bool):
-    self.weight = param(rngs, fan_in_init(width), (width, channels),
-                        ("conv", axis))
-    self.bias = (param(rngs, constant_init(0.0), (channels,), (axis,))
-                 if use_bias else None)
-
-  def __call__(self, x_BxLxC, state=None, segment_ids=None):
-    bias = None if self.bias is None else self.bias[...]
-    y, state = causal_conv1d(x_BxLxC, self.weight[...], bias, state,
-                             segment_ids=segment_ids)
-    return jax.nn.silu(y), state
-
-  def init_state(self, batch_size: int, dtype):
-    width, channels = self.weight.shape
-    return jnp.zeros((batch_size, width - 1, channels), dtype)
-
-  def flops_per_token(self) -> float:
-    return 2.0 * self.weight.size
-
-
-def resets(segment_ids):
-  """True at the first token of every segment (the scan state is zeroed)."""
-  return None if segment_ids is None else segment_positions(segment_ids) == 0
+def conv_silu(conv: ShortConv, x, state, segment_ids):
+  """SiLU(causal short conv(x)) and the conv's new state."""
+  y, state = conv(x, state, segment_ids)
+  return jax.nn.silu(y), state
 
 
 def dense_flops(*modules: Dense) -> float:
@@ -125,6 +102,7 @@ class Mamba(Mixer):
   info = MixerInfo(family="ssm", paper="Gu & Dao 2023, arXiv:2312.00752",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": SELECTIVE_SCAN}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, expand: int = 2,
                d_state: int = 16, d_conv: int = 4, dt_rank: int | None = None,
@@ -135,15 +113,13 @@ class Mamba(Mixer):
     dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
     check_options("mamba", expand=expand, d_state=d_state, d_conv=d_conv,
                   dt_rank=dt_rank, chunk_size=chunk_size)
-    if kernel != "auto" and kernel not in SELECTIVE_SCAN.names():
-      raise ValueError(f"mamba: unknown kernel {kernel!r}; choose 'auto' or "
-                       f"one of {SELECTIVE_SCAN.names()}")
     d_inner = expand * d_model
     self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
     self.chunk_size, self.kernel = chunk_size, kernel
     self.in_proj = Dense(d_model, (2, d_inner), in_axes=("embed",),
                          out_axes=(None, "mlp"), rngs=rngs, use_bias=use_bias)
-    self.conv = ShortConv(d_inner, d_conv, "mlp", rngs=rngs, use_bias=conv_bias)
+    self.conv = ShortConv(d_inner, d_conv, rngs=rngs, axes=("mlp",),
+                          use_bias=conv_bias)
     self.x_proj = Dense(d_inner, dt_rank + 2 * d_state, in_axes=("mlp",),
                         out_axes=(None,), rngs=rngs)
     # The reference draws dt_proj uniform in +-dt_rank^-0.5; 1/sqrt(3)
@@ -167,7 +143,7 @@ class Mamba(Mixer):
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
     xz_BxLx2xI = self.in_proj(x)
-    u, conv_state = self.conv(xz_BxLx2xI[:, :, 0],
+    u, conv_state = conv_silu(self.conv, xz_BxLx2xI[:, :, 0],
                               None if cache is None else cache.conv, segment_ids)
     R, N = self.dt_rank, self.d_state
     dbc = self.x_proj(u)
@@ -178,7 +154,8 @@ class Mamba(Mixer):
     scan = SELECTIVE_SCAN.choose(self.kernel)
     y, h = scan.fn(u, dt, -jnp.exp(self.A_log[...]), B, C,
                    h0=None if cache is None else cache.ssm,
-                   reset_BxL=resets(segment_ids), chunk_size=self.chunk_size)
+                   reset_BxL=(None if segment_ids is None
+                              else segment_starts(segment_ids)), chunk_size=self.chunk_size)
     y = (y + u.astype(F32) * self.D[...]) * jax.nn.silu(
         xz_BxLx2xI[:, :, 1].astype(F32))
     out = self.out_proj(y.astype(x.dtype))
@@ -197,7 +174,7 @@ class Mamba(Mixer):
 
 
 def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, *, state, segment_ids,
-        form: str, chunk_size: int):
+        kernel: str, chunk_size: int):
   """Mamba-2's scan as what SSD shows it to be: causal linear attention
   with a scalar log decay dt*A per head and step, queries C, keys B (each
   head reads its group's, head h -> group h // (H/G)) and values dt*x.
@@ -207,7 +184,7 @@ def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, *, state, segment_ids,
       per_head(C_BxLxGxN), per_head(B_BxLxGxN),
       x_BxLxHxP.astype(F32) * dt_BxLxH[..., None],
       log_decay=(dt_BxLxH * A_H)[..., None], segment_ids=segment_ids,
-      state=state, form=form, chunk_size=chunk_size)
+      state=state, form=kernel, chunk_size=chunk_size)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -247,24 +224,24 @@ class Mamba2(Mixer):
   d_state) values. Packed segments reset the conv and the scan.
 
   Options: expand, d_state, head_dim (heads = expand * d_model /
-  head_dim), n_groups (of B/C and of the output norm), d_conv, form
-  ("chunked", "parallel", "recurrent") and chunk_size of the scan,
+  head_dim), n_groups (of B/C and of the output norm), d_conv, kernel
+  ("auto", "chunked", "parallel", "recurrent") and chunk_size of the scan,
   use_bias, conv_bias, dt_min/dt_max, norm_eps.
   """
 
   info = MixerInfo(family="ssm", paper="Dao & Gu 2024, arXiv:2405.21060",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": la.LINEAR_ATTENTION}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, expand: int = 2,
                d_state: int = 128, head_dim: int = 64, n_groups: int = 1,
-               d_conv: int = 4, form: str = "chunked", chunk_size: int = 256,
+               d_conv: int = 4, kernel: str = "auto", chunk_size: int = 256,
                use_bias: bool = False, conv_bias: bool = True,
                dt_min: float = 1e-3, dt_max: float = 0.1,
                norm_eps: float = 1e-5):
     check_options("mamba2", expand=expand, d_state=d_state, head_dim=head_dim,
                   n_groups=n_groups, d_conv=d_conv, chunk_size=chunk_size)
-    la.check_form(form, chunk_size, "mamba2")
     d_inner = expand * d_model
     if d_inner % head_dim:
       raise ValueError(f"mamba2: d_inner = expand * d_model = {d_inner} is not "
@@ -275,13 +252,13 @@ class Mamba2(Mixer):
                        f"n_groups={n_groups}")
     self.d_inner, self.d_state, self.heads = d_inner, d_state, heads
     self.head_dim, self.n_groups = head_dim, n_groups
-    self.chunk_size, self.form = chunk_size, form
+    self.chunk_size, self.kernel = chunk_size, kernel
     bc = 2 * n_groups * d_state
     self.in_proj = Dense(d_model, (2, d_inner), in_axes=("embed",),
                          out_axes=(None, "mlp"), rngs=rngs, use_bias=use_bias)
     self.bcdt_proj = Dense(d_model, bc + heads, in_axes=("embed",),
                            out_axes=(None,), rngs=rngs, use_bias=use_bias)
-    self.conv = ShortConv(d_inner + bc, d_conv, None, rngs=rngs,
+    self.conv = ShortConv(d_inner + bc, d_conv, rngs=rngs, axes=(None,),
                           use_bias=conv_bias)
     self.dt_bias = param(rngs, dt_bias_init(dt_min, dt_max), (heads,),
                          ("heads",))
@@ -302,7 +279,7 @@ class Mamba2(Mixer):
                      self.d_state)
     xz_BxLx2xI = self.in_proj(x)
     bcdt = self.bcdt_proj(x)
-    xbc, conv_state = self.conv(
+    xbc, conv_state = conv_silu(self.conv,
         jnp.concatenate([xz_BxLx2xI[:, :, 0], bcdt[..., :2 * G * N]], -1),
         None if cache is None else cache.conv, segment_ids)
     xs_BxLxHxP = xbc[..., :I].reshape(Bsz, L, H, P)
@@ -311,7 +288,7 @@ class Mamba2(Mixer):
                xbc[..., I:I + G * N].reshape(Bsz, L, G, N),
                xbc[..., I + G * N:].reshape(Bsz, L, G, N),
                state=None if cache is None else cache.ssm,
-               segment_ids=segment_ids, form=self.form,
+               segment_ids=segment_ids, kernel=self.kernel,
                chunk_size=self.chunk_size)
     y = y + xs_BxLxHxP.astype(F32) * self.D[...][:, None]
     y = self.norm(y.reshape(Bsz, L, I), xz_BxLx2xI[:, :, 1])
@@ -327,6 +304,6 @@ class Mamba2(Mixer):
   def flops_per_token(self, seq_len):
     return (dense_flops(self.in_proj, self.bcdt_proj, self.out_proj)
             + self.conv.flops_per_token()
-            + self.heads * la.flops_per_token(self.form, seq_len,
-                                              self.chunk_size, self.d_state,
-                                              self.head_dim))
+            + self.heads * la.flops_per_token(
+                la.LINEAR_ATTENTION.choose(self.kernel).name, seq_len,
+                self.chunk_size, self.d_state, self.head_dim))

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from layers.blocks.attention import resolve_heads
+from layers.blocks.linear import FeatureAttention
 from layers.mixers import register
-from layers.mixers.attention import resolve_heads
 from layers.mixers.base import MixerInfo
-from layers.mixers.linear_attention import FeatureAttention
 
 
 class RandomFeatures(nnx.Variable):
@@ -75,7 +75,7 @@ class Performer(FeatureAttention):
   1) values.
 
   Options: num_heads, head_dim, num_features (m, default the paper's 256);
-  form ("chunked", "parallel", "recurrent"); chunk_size.
+  kernel ("auto", "chunked", "parallel", "recurrent"); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Choromanski et al. "
@@ -84,10 +84,10 @@ class Performer(FeatureAttention):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, num_features: int = 256,
-               form: str = "chunked", chunk_size: int = 64):
+               kernel: str = "auto", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,
-                     head_dim=head_dim, form=form, chunk_size=chunk_size)
+                     head_dim=head_dim, kernel=kernel, chunk_size=chunk_size)
     if num_features < 1:
       raise ValueError(f"performer: num_features must be >= 1, got {num_features}")
     self.feature_dim = num_features

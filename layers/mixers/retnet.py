@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.blocks.attention import build_position, resolve_heads
+from layers.blocks.linear import LinearMixer
+from layers.blocks.recurrent import GatedHeadNorm
 from layers.mixers import register
-from layers.mixers.attention import build_position, resolve_heads
 from layers.mixers.base import MixerInfo
-from layers.mixers.linear_attention import GatedHeadNorm, LinearMixer
 
 # RetNet's xPos: the rotation only; the retention decay plays xPos's scale.
 XPOS_ROTATION = {"name": "xpos", "scale_base": None}
@@ -29,15 +30,15 @@ class RetNet(LinearMixer):
   rotated by xPos (`layers.positions.XPos`, rotation only by default) and
   K scaled by head_dim^-1/2; recurrently S_n = gamma S_{n-1} + k_n v_n^T,
   o_n = S_n^T q_n. Output: W_O (swish(X W_G) * GroupNorm_heads(retention)).
-  Parallel, chunkwise and recurrent forms (`form`) give the same outputs.
+  Parallel, chunkwise and recurrent forms (`kernel`) give the same outputs.
 
   Cost: training O(L C d) time with the chunkwise form (chunk C), O(L^2 d)
-  with `form="parallel"`; decode O(1) per token with a constant fp32 state
+  with `kernel="parallel"`; decode O(1) per token with a constant fp32 state
   of num_heads * head_dim^2 values. (The paper's value heads are 2x wider;
   here q, k and v share head_dim.)
 
   Options: num_heads, head_dim; position (a scheme name or {"name": ...,
-  **opts}); form ("chunked", "parallel", "recurrent"); chunk_size.
+  **opts}); kernel ("auto", "chunked", "parallel", "recurrent"); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Sun et al. 2023, "
@@ -46,11 +47,11 @@ class RetNet(LinearMixer):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None,
-               position: str | dict = XPOS_ROTATION, form: str = "chunked",
+               position: str | dict = XPOS_ROTATION, kernel: str = "auto",
                chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,
-                     head_dim=head_dim, form=form, chunk_size=chunk_size)
+                     head_dim=head_dim, kernel=kernel, chunk_size=chunk_size)
     self.out_gate = GatedHeadNorm(d_model, num_heads, head_dim, rngs=rngs,
                                   use_bias=False)
     self.position = build_position(position, head_dim, num_heads)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.kernels.conv1d import causal_conv1d
+from layers.blocks.conv import ShortConv
 from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, RECURRENCE_FLOPS
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, positions_for
@@ -101,6 +101,7 @@ class RGLRU(Mixer):
   info = MixerInfo(family="rnn", paper="De et al. 2024, arXiv:2402.19427",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": LINEAR_RECURRENCE}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, width: int | None = None,
                num_heads: int = 4, conv_width: int = 4, kernel: str = "auto"):
@@ -110,15 +111,12 @@ class RGLRU(Mixer):
                        f"num_heads={num_heads}")
     if conv_width < 1:
       raise ValueError(f"rglru: conv_width must be >= 1, got {conv_width}")
-    LINEAR_RECURRENCE.choose(kernel)  # unknown names fail here
     self.kernel = kernel
     dense = lambda i, o, ia, oa: Dense(i, o, in_axes=(ia,), out_axes=(oa,),
                                        rngs=rngs, use_bias=True)
     self.gate_proj = dense(d_model, W, "embed", "mlp")
     self.in_proj = dense(d_model, W, "embed", "mlp")
-    self.conv_w = param(rngs, fan_in_init(conv_width, 0.1), (conv_width, W),
-                        ("conv", "mlp"))
-    self.conv_b = param(rngs, constant_init(0.0), (W,), ("mlp",))
+    self.conv = ShortConv(W, conv_width, rngs=rngs, axes=("mlp",), scale=0.1)
     self.input_gate = BlockDiagonal(num_heads, W // num_heads, rngs=rngs)
     self.a_gate = BlockDiagonal(num_heads, W // num_heads, rngs=rngs)
     self.a_param = param(rngs, a_param_init(), (W,), ("mlp",))
@@ -144,9 +142,8 @@ class RGLRU(Mixer):
     else:
       pos = positions_for(x, 0 if cache is None else cache.pos)
     gate = jax.nn.gelu(self.gate_proj(x))  # tanh approximation, as Griffin
-    u, conv = causal_conv1d(self.in_proj(x), self.conv_w[...], self.conv_b[...],
-                            None if cache is None else cache.conv,
-                            segment_ids=segment_ids)
+    u, conv = self.conv(self.in_proj(x), None if cache is None else cache.conv,
+                        segment_ids)
     h0 = jnp.zeros((B, u.shape[-1]), jnp.float32) if cache is None else cache.h
     h, h_last = self.rg_lru(u, pos == 0, h0)
     y = self.out_proj(h.astype(x.dtype) * gate)
@@ -155,15 +152,15 @@ class RGLRU(Mixer):
     return y, RGLRUCache(conv, h_last, cache.pos + L)
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
-    K, W = self.conv_w.shape
-    return RGLRUCache(jnp.zeros((batch_size, K - 1, W), dtype),
-                      jnp.zeros((batch_size, W), jnp.float32),
+    return RGLRUCache(self.conv.init_state(batch_size, dtype),
+                      jnp.zeros((batch_size, self.a_param.shape[0]), jnp.float32),
                       jnp.zeros((), jnp.int32))
 
   def flops_per_token(self, seq_len):
-    K, W = self.conv_w.shape
+    W = self.a_param.shape[0]
     matmuls = sum(math.prod(m.kernel.shape) for m in
                   (self.gate_proj, self.in_proj, self.out_proj))
     gates = self.input_gate.w.size + self.a_gate.w.size
     impl = LINEAR_RECURRENCE.choose(self.kernel)
-    return 2.0 * (matmuls + gates + K * W) + RECURRENCE_FLOPS[impl.name] * W
+    return (2.0 * (matmuls + gates) + self.conv.flops_per_token()
+            + RECURRENCE_FLOPS[impl.name] * W)

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.channel.rwkv import mix, segment_starts, shift_ramp, token_shift
+from layers.blocks.recurrent import GatedHeadNorm, RecurrentMixer, head_dense
+from layers.blocks.shift import lerp, shift_ramp, token_shift
 from layers.kernels import linear_attention as linear
 from layers.kernels.wkv import WKV4, WKV4_FLOPS, WKV4State
 from layers.mixers import register
 from layers.mixers.base import MixerInfo
-from layers.mixers.linear_attention import GatedHeadNorm, RecurrentMixer, head_dense
 from layers.params import Dense, param
+from layers.positions import segment_starts
 
 # Channel ramps of the reference inits take a layer-depth ratio; a mixer
 # does not know its depth, so it takes the middle of the stack.
@@ -60,9 +61,9 @@ class RWKV4(RecurrentMixer):
   info = MixerInfo(family="rnn", paper="Peng et al. 2023, arXiv:2305.13048",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": WKV4}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, kernel: str = "auto"):
-    WKV4.choose(kernel)  # unknown names fail here
     self.kernel = kernel
     ramp = channel_ramp(d_model)
     self.time_decay = param(rngs, -5 + 8 * ramp ** (0.7 + 1.3 * DEPTH),
@@ -82,12 +83,12 @@ class RWKV4(RecurrentMixer):
   def mix(self, x, pos, segment_ids, state):
     last, wkv = state
     prev = token_shift(x, last, segment_ids)
-    k = self.key(mix(x, prev, self.mu_k[...]))
-    v = self.value(mix(x, prev, self.mu_v[...]))
-    r = jax.nn.sigmoid(self.receptance(mix(x, prev, self.mu_r[...])))
+    k = self.key(lerp(x, prev, self.mu_k[...]))
+    v = self.value(lerp(x, prev, self.mu_v[...]))
+    r = jax.nn.sigmoid(self.receptance(lerp(x, prev, self.mu_r[...])))
     impl = WKV4.choose(self.kernel, dtype=x.dtype)
     out, wkv = impl.fn(-jnp.exp(self.time_decay[...]), self.time_first[...],
-                       k, v, wkv, segment_starts(x, segment_ids))
+                       k, v, wkv, resets(x, segment_ids))
     return self.output(r * out.astype(x.dtype)), (x[:, -1].astype(last.dtype), wkv)
 
   def zero_state(self, batch_size, dtype):
@@ -100,8 +101,16 @@ class RWKV4(RecurrentMixer):
     return 4 * 2.0 * d * d + WKV4_FLOPS[impl.name] * d
 
 
+def resets(x_BxLxD, segment_ids):
+  """[B, L] bool, True where the WKV state starts empty (segment starts);
+  all False without segment_ids."""
+  if segment_ids is None:
+    return jnp.zeros(x_BxLxD.shape[:2], bool)
+  return segment_starts(segment_ids)
+
+
 def wkv6(r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK, u_HxK, S_BxHxKxV, *,
-         segment_ids=None, form: str, chunk_size: int):
+         segment_ids=None, kernel: str, chunk_size: int):
   """RWKV-6's WKV, y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T) with
   S_t = diag(exp(logw_t)) S_{t-1} + k_t v_t^T, all in fp32.
 
@@ -115,7 +124,8 @@ def wkv6(r_BxLxHxK, k_BxLxHxK, v_BxLxHxV, logw_BxLxHxK, u_HxK, S_BxHxKxV, *,
   late = lambda a: token_shift(f32(a), None, segment_ids)
   o, S = linear.causal_linear_attention(
       r_BxLxHxK, late(k_BxLxHxK), late(v_BxLxHxV), log_decay=late(logw_BxLxHxK),
-      segment_ids=segment_ids, state=S_BxHxKxV, form=form, chunk_size=chunk_size)
+      segment_ids=segment_ids, state=S_BxHxKxV, form=kernel,
+      chunk_size=chunk_size)
   k, v = f32(k_BxLxHxK), f32(v_BxLxHxV)
   bonus = jnp.einsum("blhk,hk,blhk->blh", f32(r_BxLxHxK), f32(u_HxK), k)
   S = (jnp.exp(f32(logw_BxLxHxK[:, -1]))[..., None] * S
@@ -150,16 +160,17 @@ class RWKV6(RecurrentMixer):
   cache is a `RecurrentCache` whose state is (last token, S).
 
   Options: head_dim (K, default the paper's 64), mix_rank / decay_rank
-  (LoRA ranks, the paper's 32 / 64); form ("chunked", "parallel", "recurrent") and
-  chunk_size of the shared linear-attention kernel.
+  (LoRA ranks, the paper's 32 / 64); kernel ("auto", "chunked", "parallel",
+  "recurrent") and chunk_size of the shared linear-attention kernel.
   """
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": linear.LINEAR_ATTENTION}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 64,
-               mix_rank: int = 32, decay_rank: int = 64, form: str = "chunked",
+               mix_rank: int = 32, decay_rank: int = 64, kernel: str = "auto",
                chunk_size: int = 64):
     if head_dim < 1 or d_model % head_dim:
       raise ValueError(f"rwkv6: d_model={d_model} must be a positive multiple "
@@ -167,8 +178,9 @@ class RWKV6(RecurrentMixer):
     if mix_rank < 1 or decay_rank < 1:
       raise ValueError(f"rwkv6: mix_rank={mix_rank} and decay_rank="
                        f"{decay_rank} must be >= 1")
-    linear.check_form(form, chunk_size, "rwkv6")
-    self.form, self.chunk_size = form, chunk_size
+    if chunk_size < 1:
+      raise ValueError(f"rwkv6: chunk_size must be >= 1, got {chunk_size}")
+    self.kernel, self.chunk_size = kernel, chunk_size
     H, K = d_model // head_dim, head_dim
     self.num_heads, self.head_dim = H, K
     ramp = channel_ramp(d_model)
@@ -210,10 +222,10 @@ class RWKV6(RecurrentMixer):
 
   def ddlerp(self, x, prev):
     """The five data-dependently shifted inputs, [B, L, 5, D]."""
-    lo = jnp.tanh(jnp.einsum("bld,dsr->blsr", mix(x, prev, self.mu_x[...]),
+    lo = jnp.tanh(jnp.einsum("bld,dsr->blsr", lerp(x, prev, self.mu_x[...]),
                              self.mix_a[...].astype(x.dtype)))
     m = jnp.einsum("blsr,srd->blsd", lo, self.mix_b[...].astype(x.dtype))
-    return mix(x[:, :, None], prev[:, :, None], self.mu[...] + m)
+    return lerp(x[:, :, None], prev[:, :, None], self.mu[...] + m)
 
   def log_decay(self, x_w):
     """log w_t = -exp(d + tanh(x_w D1) D2) in fp32, [B, L, H, K]."""
@@ -228,7 +240,7 @@ class RWKV6(RecurrentMixer):
                                for i in range(len(SHIFTS)))
     y, S = wkv6(self.receptance(x_r), self.key(x_k), self.value(x_v),
                 self.log_decay(x_w), self.bonus[...], S, segment_ids=segment_ids,
-                form=self.form, chunk_size=self.chunk_size)
+                kernel=self.kernel, chunk_size=self.chunk_size)
     return self.output(self.out_gate(x_g, y)), (x[:, -1].astype(last.dtype), S)
 
   def zero_state(self, batch_size, dtype):
@@ -240,5 +252,6 @@ class RWKV6(RecurrentMixer):
     d = self.num_heads * self.head_dim
     lora = self.mix_a.size + self.mix_b.size + self.decay_a.size + self.decay_b.size
     kernel = self.num_heads * linear.flops_per_token(
-        self.form, seq_len, self.chunk_size, self.head_dim, self.head_dim)
+        linear.LINEAR_ATTENTION.choose(self.kernel).name, seq_len,
+        self.chunk_size, self.head_dim, self.head_dim)
     return 5 * 2.0 * d * d + 2.0 * lora + kernel

@@ -8,16 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.blocks.lti import LTIMixer
+from layers.blocks.ssm import (GatedOutput, SSMState, as_complex,
+                               check_state_dim, complex_normal, complex_param,
+                               hippo_legs_nplr, log_dt_param, normal_param)
 from layers.kernels.fftconv import CAUSAL_CONV, causal_conv, fft_conv_flops
 from layers.kernels.ssm import (DPLR_KERNEL, bilinear_conj_dplr,
                                 dense_recurrence, dplr_kernel, real_output)
 from layers.mixers import register
-from layers.mixers._lti import LTIMixer
 from layers.mixers.base import MixerInfo
 from layers.params import param
-from layers.ssm import (GatedOutput, SSMState, as_complex, check_kernel,
-                        check_state_dim, complex_normal, complex_param,
-                        hippo_legs_nplr, log_dt_param, normal_param)
 
 
 class DPLRSSM(nnx.Module):
@@ -133,6 +133,7 @@ class S4(LTIMixer):
   info = MixerInfo(family="ssm", paper="Gu et al. 2021, arXiv:2111.00396",
                    train_cost="n log n", decode_state="constant",
                    supports_segments=False)
+  kernel_ops = {"kernel": CAUSAL_CONV, "dplr_kernel": DPLR_KERNEL}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, state_dim: int = 64,
                dt_min: float = 1e-3, dt_max: float = 1e-1,
@@ -140,6 +141,5 @@ class S4(LTIMixer):
                dplr_kernel: str = "auto"):
     self.core = DPLRSSM(d_model, state_dim, rngs=rngs, dt_min=dt_min,
                         dt_max=dt_max, b_clip=b_clip,
-                        kernel=check_kernel(CAUSAL_CONV, kernel),
-                        dplr_kernel=check_kernel(DPLR_KERNEL, dplr_kernel))
+                        kernel=kernel, dplr_kernel=dplr_kernel)
     self.out = GatedOutput(d_model, "glu", rngs=rngs)

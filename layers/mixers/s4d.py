@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from flax import nnx
 
-from layers.kernels.fftconv import CAUSAL_CONV
+from layers.blocks.lti import LTIMixer
+from layers.blocks.ssm import GatedOutput, S4DSSM
 from layers.mixers import register
-from layers.mixers._lti import LTIMixer
 from layers.mixers.base import MixerInfo
-from layers.ssm import GatedOutput, S4DSSM, check_kernel
 
 
 @register("s4d")
@@ -43,5 +42,5 @@ class S4D(LTIMixer):
                kernel: str = "auto"):
     self.core = S4DSSM(d_model, state_dim, rngs=rngs, init=init,
                        discretization=discretization, dt_min=dt_min,
-                       dt_max=dt_max, kernel=check_kernel(CAUSAL_CONV, kernel))
+                       dt_max=dt_max, kernel=kernel)
     self.out = GatedOutput(d_model, "glu", rngs=rngs)

@@ -7,22 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.blocks.ssm import (GatedOutput, SSMState, as_complex,
+                               check_state_dim, complex_param, hippo_legs_nplr,
+                               log_dt_param, normal_param)
 from layers.kernels.ssm import (DIAG_SCAN, check_discretization, diag_scan,
                                 discretize_diag)
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.params import param
-from layers.ssm import (GatedOutput, SSMState, as_complex, check_kernel,
-                        check_state_dim, complex_param, hippo_legs_nplr,
-                        log_dt_param, normal_param)
+from layers.positions import segment_starts
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def segment_starts(segment_ids: jax.Array) -> jax.Array:
-  """[B, L] bool: True where a new segment begins after position 0."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, ((0, 0), (1, 0)))
 
 
 @register("s5")
@@ -53,13 +48,14 @@ class S5(Mixer):
   info = MixerInfo(family="ssm", paper="Smith et al. 2023, arXiv:2208.04933",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
+  kernel_ops = {"kernel": DIAG_SCAN}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, state_dim: int = 64,
                discretization: str = "zoh", dt_min: float = 1e-3,
                dt_max: float = 1e-1, kernel: str = "auto"):
     Lambda, _, _, V = hippo_legs_nplr(check_state_dim(state_dim))
     self.discretization = check_discretization(discretization)
-    self.kernel = check_kernel(DIAG_SCAN, kernel)
+    self.kernel = kernel
     modes = state_dim // 2
     self.lambda_log_re = param(None, jnp.asarray(np.log(-Lambda.real)), (modes,),
                                ("state",), weight_decay=False)

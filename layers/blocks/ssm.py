@@ -1,8 +1,8 @@
 """Building blocks shared by the state-space and long-convolution mixers
 (S4, S4D, DSS, S5, H3, Hyena): complex parameters, HiPPO / S4D
-initializations, diagonal SSMs (S4D, and the base DSS builds on), a causal
-short convolution with a decode state, gated output mixing and the fp32
-state cache.
+initializations, diagonal SSMs (S4D, and the base DSS builds on), gated
+output mixing and the fp32 state cache. The short causal convolution is
+`layers.blocks.conv`.
 
 The numerical cores (kernels, scans, FFT convolution) live in
 `layers.kernels.ssm` and `layers.kernels.fftconv`.
@@ -17,12 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from layers.kernels import Op
-from layers.kernels.conv1d import causal_conv1d
 from layers.kernels.fftconv import causal_conv, fft_conv_flops
 from layers.kernels.ssm import (check_discretization, diag_recurrence,
                                 discretize_diag, vandermonde_kernel)
-from layers.params import Dense, fan_in_init, param
+from layers.params import Dense, param
 
 # -- parameters ---------------------------------------------------------------
 
@@ -62,13 +60,6 @@ def log_dt_param(rngs: nnx.Rngs, shape, axes, dt_min: float, dt_max: float):
 def normal_param(rngs: nnx.Rngs, shape, axes) -> nnx.Param:
   """Standard normal (the S4 family's skip D and Hyena's filter bias)."""
   return param(rngs, lambda k, s, d: jax.random.normal(k, s, d), shape, axes)
-
-
-def check_kernel(op: Op, requested: str) -> str:
-  if requested != "auto" and requested not in op.impls:
-    raise ValueError(f"unknown {op.name} kernel {requested!r}; choose 'auto' "
-                     f"or one of {op.names()}")
-  return requested
 
 
 def check_state_dim(state_dim: int) -> int:
@@ -213,46 +204,6 @@ class S4DSSM(DiagonalLTI):
     dt = jnp.exp(self.log_dt[...])[:, None]
     log_a, b = discretize_diag(dt, A, self.discretization)
     return log_a, b, as_complex(self.C)
-
-
-# -- short causal convolution -------------------------------------------------
-
-
-# Jitted so an eager call compiles one program rather than a slice per tap.
-_conv1d = jax.jit(causal_conv1d)
-
-
-class ShortConv(nnx.Module):
-  """Depthwise causal convolution over a multi-axis channel shape:
-  y_t = sum_{k<width} w_k x_{t-width+1+k} (+ bias), w_{width-1} on the
-  current input (the `layers.kernels.conv1d` convention), with the last
-  width-1 inputs as decode state. Accumulates in fp32, returns x's dtype."""
-
-  def __init__(self, channels: tuple[int, ...], width: int, *, rngs: nnx.Rngs,
-               axes: tuple[str | None, ...], use_bias: bool = True):
-    if width < 1:
-      raise ValueError(f"convolution width must be >= 1, got {width}")
-    channels = tuple(channels)
-    self.width = width
-    self.taps = param(rngs, fan_in_init(width), (width,) + channels,
-                      ("conv",) + tuple(axes))
-    self.bias = (param(rngs, fan_in_init(width), channels, axes)
-                 if use_bias else None)
-
-  def __call__(self, x: jax.Array, state: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
-    """x [B, L, *channels]; state [B, width-1, *channels] (zeros when
-    None); segment_ids [B, L] for packed rows (taps stop at a segment
-    start; not with state). Returns y like x and the new state."""
-    flat = lambda a: a.reshape(a.shape[:2] + (-1,))
-    bias = None if self.bias is None else self.bias[...].reshape(-1)
-    y, state = _conv1d(flat(x), self.taps[...].reshape(self.width, -1), bias,
-                       None if state is None else flat(state),
-                       segment_ids=segment_ids)
-    return y.reshape(x.shape), state.reshape(state.shape[:2] + x.shape[2:])
-
-  def flops_per_token(self) -> float:
-    return 2.0 * self.taps.size
 
 
 # -- output mixing ------------------------------------------------------------

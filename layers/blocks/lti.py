@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from layers.kernels.fftconv import CAUSAL_CONV
 from layers.mixers.base import Mixer
 
 
 class LTIMixer(Mixer):
   """y = GLU(W GELU(SSM(x))): the S4-family layer around `core`."""
+
+  kernel_ops = {"kernel": CAUSAL_CONV}
 
   def __call__(self, x, *, cache=None, segment_ids=None):
     self.check_call(x, cache, segment_ids)

@@ -1,0 +1,65 @@
+"""The causal short convolution that Mamba, Mamba-2, Griffin, H3, Hyena
+and BaseConv put in front of their mixing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.kernels.conv1d import causal_conv1d
+from layers.params import Init, constant_init, fan_in_init, param
+
+# Jitted so an eager call compiles one program rather than a slice per tap.
+_conv1d = jax.jit(causal_conv1d)
+
+
+class ShortConv(nnx.Module):
+  """Depthwise causal convolution over time, per channel of a (possibly
+  multi-axis) channel shape:
+
+    y_t = b + sum_{k<width} w_k x_{t-width+1+k}
+
+  w_{width-1} weighs the current input (the `layers.kernels.conv1d`
+  convention; PyTorch's depthwise Conv1d weight [C, 1, K] is `weight.T`).
+  The decode state is the last width-1 inputs. Accumulates in fp32 and
+  returns x's dtype; no activation (callers apply theirs).
+
+  Parameters: weight [width, *channels] (truncated normal, std
+  scale / sqrt(width)); bias [*channels] from `bias_init` (zeros by
+  default), absent with use_bias=False.
+  """
+
+  def __init__(self, channels: int | tuple[int, ...], width: int, *,
+               rngs: nnx.Rngs, axes: tuple[str | None, ...],
+               use_bias: bool = True, scale: float = 1.0,
+               bias_init: Init | None = None):
+    if width < 1:
+      raise ValueError(f"convolution width must be >= 1, got {width}")
+    channels = (channels,) if isinstance(channels, int) else tuple(channels)
+    if len(axes) != len(channels):
+      raise ValueError(f"axes {axes} must name each of the channel axes "
+                       f"{channels}")
+    self.width = width
+    self.weight = param(rngs, fan_in_init(width, scale), (width,) + channels,
+                        ("conv",) + tuple(axes))
+    self.bias = (param(rngs, bias_init or constant_init(0.0), channels, axes)
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array, state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
+    """x [B, L, *channels]; state [B, width-1, *channels] (zeros when
+    None); segment_ids [B, L] for packed rows (taps stop at a segment
+    start; not with state). Returns y like x and the new state."""
+    flat = lambda a: a.reshape(a.shape[:2] + (-1,))
+    bias = None if self.bias is None else self.bias[...].reshape(-1)
+    y, state = _conv1d(flat(x), self.weight[...].reshape(self.width, -1), bias,
+                       None if state is None else flat(state),
+                       segment_ids=segment_ids)
+    return y.reshape(x.shape), state.reshape(state.shape[:2] + x.shape[2:])
+
+  def init_state(self, batch_size: int, dtype) -> jax.Array:
+    return jnp.zeros((batch_size, self.width - 1) + self.weight.shape[1:], dtype)
+
+  def flops_per_token(self) -> float:
+    return 2.0 * self.weight.size
