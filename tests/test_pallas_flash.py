@@ -1,15 +1,16 @@
 """Pallas flash attention against the einsum oracle `attention.reference`.
 
 The TPU kernels run in TPU interpret mode (`pltpu.InterpretParams`: VMEM
-and DMA simulated on CPU) and are lowered for TPU with `jax.export`; a
-planted bug (a causal block bound one block short) shows the equality
-check fails.
+and DMA simulated on CPU), the GPU kernels in Mosaic GPU interpret mode
+(shared memory, barriers and TMA simulated); both are lowered for their
+platform with `jax.export`. A planted bug (a causal block bound one block
+short) shows the equality checks fail.
 
 Tolerances (relative, in norm, outputs and the gradients of q, k, v):
 fp32 1e-5 (both compute in fp32; the errors seen are below 1e-6); bf16
 2e-2 (the kernel rounds P and dS to bf16 for the matmuls, as
 FlashAttention does, the oracle only P; the errors seen are 3e-3 to
-4e-3).
+4e-3 on TPU and GPU).
 """
 
 import dataclasses
@@ -21,9 +22,9 @@ import pytest
 
 from layers.kernels import flash
 from layers.kernels.attention import reference
-from layers.kernels.pallas import flash_tpu
+from layers.kernels.pallas import flash_gpu, flash_tpu
 from mixer_contract import rel_err
-from test_pallas_linear import TPU, compile_and_run
+from test_pallas_linear import GPU, TPU, compile_and_run, needs_gpu_interpret
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -49,6 +50,11 @@ PACKED = Case(40, 40, 2, 1, 16, (("softcap", 3.0),), (7, 20, 13))
 WINDOW = Case(24, 40, 1, 1, 16, (("window", 9), ("q_offset", 16)))
 BF16 = dataclasses.replace(PACKED, dtype="bfloat16", call=())
 BLOCKS = dict(block_q=16, block_k=16)
+# The GPU kernel's blocks are 64-row wgmma tiles, its operands 16-bit and
+# its head dims 64 or 128: L = 100 is not a block multiple; GQA, two
+# segments (one starting mid-block), a window of 40 and a soft-cap.
+GPU_CASE = Case(100, 100, 2, 1, 64, (("softcap", 3.0), ("window", 40)), (30, 70),
+                "bfloat16")
 
 
 def inputs(case: Case, seed=0):
@@ -94,25 +100,50 @@ def test_tpu_matches_reference(case):
   assert max(errs) < TOL[case.dtype], errs
 
 
-def test_tpu_planted_causal_bound_is_caught(monkeypatch):
+def gpu(q, k, v, **call):
+  return flash_gpu.attention(q, k, v, **call, interpret=GPU)
+
+
+@needs_gpu_interpret
+def test_gpu_matches_reference():
+  errs = errors(gpu, GPU_CASE)
+  assert max(errs) < TOL["bfloat16"], errs
+
+
+def _one_block_short(monkeypatch):
   """A query block that stops one key block short (misses the diagonal)."""
   key_blocks = flash.Plan.key_blocks
   monkeypatch.setattr(flash.Plan, "key_blocks", lambda self, i, off: (
       key_blocks(self, i, off)[0], key_blocks(self, i, off)[1] - 1))
+
+
+def test_tpu_planted_causal_bound_is_caught(monkeypatch):
+  _one_block_short(monkeypatch)
   errs = errors(tpu, dataclasses.replace(PACKED, segments=(40,)), grads=False)
   assert max(errs) > 100 * TOL["float32"], errs
 
 
-def test_tpu_lowers():
-  """Forward and backward (two kernels) export for TPU as Mosaic calls."""
-  (q, k, v), w, call = inputs(dataclasses.replace(PACKED, K=128, dtype="bfloat16"))
+@needs_gpu_interpret
+def test_gpu_planted_causal_bound_is_caught(monkeypatch):
+  _one_block_short(monkeypatch)
+  errs = errors(gpu, dataclasses.replace(GPU_CASE, call=()), grads=False)
+  assert max(errs) > 10 * TOL["bfloat16"], errs
+
+
+@pytest.mark.parametrize("platform, module, custom_call", [
+    ("tpu", flash_tpu, "tpu_custom_call"), ("cuda", flash_gpu, "custom_call @mosaic_gpu")])
+def test_lowers(platform, module, custom_call):
+  """Forward and backward (two kernels) export as Mosaic calls, with every
+  mask (causal, window, segments) and the soft-cap at head dim 128."""
+  case = dataclasses.replace(GPU_CASE, K=128)
+  (q, k, v), w, call = inputs(case)
 
   def loss(q, k, v):
-    return jnp.sum(flash_tpu.attention(q, k, v, **call).astype(jnp.float32) * w)
+    return jnp.sum(module.attention(q, k, v, **call).astype(jnp.float32) * w)
 
   exported = jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1, 2))),
-                               platforms=["tpu"])(q, k, v)
-  assert exported.mlir_module().count("tpu_custom_call") >= 3
+                               platforms=[platform])(q, k, v)
+  assert exported.mlir_module().count(custom_call) >= 3
 
 
 def test_tpu_declines():
@@ -131,3 +162,20 @@ def test_tpu_declines():
   (q, k, v), _, _ = inputs(WINDOW)
   with pytest.raises(ValueError, match="ALiBi"):
     flash_tpu.attention(q, k, v, alibi_slopes=jnp.ones(1))
+
+
+def test_gpu_declines():
+  ok = dict(platform="gpu", dtype=jnp.bfloat16, head_dim=128, q_len=4096,
+            kv_len=4096, causal=True, q_offset=0, window=64, segments=True,
+            alibi=False, softcap=True)
+  declines = flash_gpu.declines
+  assert declines(**ok) is None
+  for change, reason in [(dict(platform="tpu"), "runs on gpu"),
+                         (dict(dtype=jnp.float32), "float32"),
+                         (dict(head_dim=96), "head_dim 96"),
+                         (dict(alibi=True), "ALiBi"),
+                         (dict(q_offset=None), "traced q_offset")]:
+    assert reason in declines(**{**ok, **change}), change
+  (q, k, v), _, _ = inputs(WINDOW)  # fp32, head dim 16
+  with pytest.raises(ValueError, match="pallas_gpu.*float32"):
+    flash_gpu.attention(q, k, v)

@@ -89,10 +89,11 @@ def unsupported(*, dtype, alibi, q_offset, **_) -> str | None:
 
 
 def make_attention(kernels: Kernels, blocks: Callable[[int, int], tuple],
-                   who: str):
+                   who: str, cannot_run: Callable[..., str | None]):
   """The op's fn(q, k, v, **call, block_q=None, block_k=None,
   interpret=False) on `kernels`; `blocks(T, S)` gives the default
-  (block_q, block_k)."""
+  (block_q, block_k); `cannot_run(**facts)` says why the kernels cannot
+  run a call (`attention_call.facts`), or None."""
   core = _core(kernels)
 
   @attention_call.checked
@@ -104,7 +105,7 @@ def make_attention(kernels: Kernels, blocks: Callable[[int, int], tuple],
         q, k, causal=causal, q_offset=q_offset, window=window,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         alibi_slopes=alibi_slopes, softcap=softcap, scale=scale)
-    reason = unsupported(**facts)
+    reason = cannot_run(**facts)
     if reason:
       raise ValueError(f"{who} attention cannot run this call: {reason}")
     B, T, H, K = q.shape
@@ -129,6 +130,17 @@ def make_attention(kernels: Kernels, blocks: Callable[[int, int], tuple],
     return jnp.swapaxes(o, 1, 2)[:, :T]
 
   return attention
+
+
+def declines_flash(query: dict, platform: str, who: str,
+                   cannot_run: Callable[..., str | None]) -> str | None:
+  """The platform, that the caller stated the facts, then `cannot_run`."""
+  if query.get("platform") != platform:
+    return f"{who} runs on {platform}, not {query.get('platform')}"
+  missing = [k for k in ("dtype", "head_dim", "alibi", "q_offset") if k not in query]
+  if missing:
+    return f"the caller did not state {', '.join(missing)}"
+  return cannot_run(**{k: v for k, v in query.items() if k != "platform"})
 
 
 def round_up(n: int, m: int) -> int:

@@ -28,6 +28,10 @@ inputs multiply at Precision.HIGHEST. Cost as `layers.kernels.flash`.
 (a multiple of 8, at most 256), alibi (declined) and q_offset (a traced
 one declines: the block bounds are static). Any length: T and S are
 padded to the blocks (128, or the length rounded up to 8 when shorter).
+The `block_q` / `block_k` options override the blocks (the tests use 16 in
+interpret mode); compiled for a TPU they must be multiples of 8, and
+block_k of 128 (or the whole padded length) with segment ids, whose key
+block lies along lanes.
 
 Verified on CPU: equality with `attention.reference` in TPU interpret mode
 (`pltpu.InterpretParams`, VMEM and DMA simulated) and lowering to the
@@ -48,7 +52,7 @@ import jax.experimental.pallas.tpu as pltpu
 
 from layers.kernels import Impl
 from layers.kernels.pallas.flash_common import (
-    F32, Kernels, make_attention, round_up, unsupported)
+    F32, Kernels, declines_flash, make_attention, round_up, unsupported)
 
 BLOCK = 128
 HEAD_DIM_MAX = 256
@@ -289,19 +293,20 @@ def _blocks(T, S):
   return min(BLOCK, round_up(T, 8)), min(BLOCK, round_up(S, 8))
 
 
-attention = make_attention(Kernels(_forward, _backward), _blocks, "pallas_tpu")
-
-
-def declines(*, platform, head_dim=None, **facts) -> str | None:
-  """Reads platform, dtype, head_dim, alibi and q_offset."""
-  if platform != "tpu":
-    return f"pallas_tpu runs on tpu, not {platform}"
-  if head_dim is None or "dtype" not in facts:
-    return "the caller did not state dtype and head_dim"
+def _cannot_run(*, head_dim, **facts) -> str | None:
   if head_dim % 8 or head_dim > HEAD_DIM_MAX:
     return (f"head_dim {head_dim} (the kernel takes multiples of 8 up to "
             f"{HEAD_DIM_MAX})")
   return unsupported(**facts)
+
+
+attention = make_attention(Kernels(_forward, _backward), _blocks, "pallas_tpu",
+                           _cannot_run)
+
+
+def declines(**query) -> str | None:
+  """Reads platform, dtype, head_dim, alibi and q_offset."""
+  return declines_flash(query, "tpu", "pallas_tpu", _cannot_run)
 
 
 IMPL = Impl("pallas_tpu", attention, declines)
