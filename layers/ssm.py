@@ -65,10 +65,7 @@ def normal_param(rngs: nnx.Rngs, shape, axes) -> nnx.Param:
 
 
 def check_kernel(op: Op, requested: str) -> str:
-  if requested != "auto" and requested not in op.impls:
-    raise ValueError(f"unknown {op.name} kernel {requested!r}; choose 'auto' "
-                     f"or one of {op.names()}")
-  return requested
+  return op.check(requested)
 
 
 def check_state_dim(state_dim: int) -> int:

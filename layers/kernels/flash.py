@@ -39,7 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.kernels import attention_call
+from layers.kernels import attention_call, chunks
 
 # Forward+backward CPU time on a 2-core x86 CPU, L = 4K and 16K, 4 heads of
 # 16, and head dims 64 and 128 at 4K: 256 x 256 blocks are the best overall.
@@ -81,9 +81,7 @@ def attention(q, k, v, *, causal=True, q_offset=0, window=None,
 
 def _split(x, size):
   """[B, L, ...] -> [n, B, size, ...], zero-padding L up to n * size."""
-  n = -(-x.shape[1] // size)
-  x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+  return jnp.moveaxis(chunks.split(x, size), 1, 0)
 
 
 def _div(x, n):
@@ -117,7 +115,9 @@ class Plan:
     """[lo, hi): the key blocks that query block i can see."""
     first = q_offset + i * self.bq
     last = q_offset + jnp.minimum((i + 1) * self.bq, self.T) - 1
-    hi = jnp.clip(jax.lax.div(last, self.bk) + 1, 0, self.nk) if self.causal else self.nk
+    hi = self.nk
+    if self.causal:
+      hi = jnp.clip(jax.lax.div(last, self.bk) + 1, 0, self.nk)
     lo = 0 if self.window is None else jnp.clip(
         _div(jnp.maximum(first - self.window + 1, -self.bk), self.bk), 0, self.nk)
     return lo, hi

@@ -54,8 +54,8 @@ class Based(FeatureAttention):
   offered: the Based models use as many value heads as query heads.
 
   Options: num_heads (reference 16), head_dim (default d_model //
-  num_heads), feature_dim F (reference and default 16); form ("chunked",
-  "parallel", "recurrent") and chunk_size of the shared kernel.
+  num_heads), feature_dim F (reference and default 16); form ("auto", "chunked",
+  "parallel", "recurrent", or a Pallas kernel) and chunk_size of the shared kernel.
   """
 
   info = MixerInfo(family="linear attention", paper="Arora et al. 2024, "
@@ -64,7 +64,7 @@ class Based(FeatureAttention):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, feature_dim: int = 16,
-               form: str = "chunked", chunk_size: int = 64):
+               form: str = "auto", chunk_size: int = 64):
     if feature_dim < 1:
       raise ValueError(f"based: feature_dim must be >= 1, got {feature_dim}")
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)

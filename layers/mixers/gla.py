@@ -32,8 +32,8 @@ class GLA(LinearMixer):
 
   Options: num_heads; head_dim (value width per head, default d_model //
   num_heads); key_dim (per head, default head_dim // 2 as the paper's
-  d_k = d / 2); gate_rank, gate_temperature (tau); form ("chunked",
-  "parallel", "recurrent"); chunk_size.
+  d_k = d / 2); gate_rank, gate_temperature (tau); form ("auto", "chunked",
+  "parallel", "recurrent", or a Pallas kernel); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Yang et al. 2023, "
@@ -43,7 +43,7 @@ class GLA(LinearMixer):
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, key_dim: int | None = None,
                gate_rank: int = 16, gate_temperature: float = 16.0,
-               form: str = "chunked", chunk_size: int = 64):
+               form: str = "auto", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     key_dim = max(head_dim // 2, 1) if key_dim is None else key_dim
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=key_dim,

@@ -147,8 +147,9 @@ class LinearAttention(FeatureAttention):
   of num_heads * head_dim * (head_dim + 1) values.
 
   Options: num_heads, head_dim (default d_model // num_heads); form: the
-  full-sequence form, one of "chunked", "parallel", "recurrent" (all agree;
-  see `layers.kernels.linear_attention`); chunk_size of the chunked form.
+  full-sequence form, "auto" or one of "chunked", "parallel", "recurrent"
+  or a Pallas kernel (all agree; see `layers.kernels.linear_attention`);
+  chunk_size of the chunked form.
   """
 
   info = MixerInfo(family="linear attention", paper="Katharopoulos et al. "
@@ -156,7 +157,7 @@ class LinearAttention(FeatureAttention):
                    decode_state="constant", supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
-               head_dim: int | None = None, form: str = "chunked",
+               head_dim: int | None = None, form: str = "auto",
                chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,

@@ -75,7 +75,7 @@ class Performer(FeatureAttention):
   1) values.
 
   Options: num_heads, head_dim, num_features (m, default the paper's 256);
-  form ("chunked", "parallel", "recurrent"); chunk_size.
+  form ("auto", "chunked", "parallel", "recurrent", or a Pallas kernel); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Choromanski et al. "
@@ -84,7 +84,7 @@ class Performer(FeatureAttention):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, num_features: int = 256,
-               form: str = "chunked", chunk_size: int = 64):
+               form: str = "auto", chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,
                      head_dim=head_dim, form=form, chunk_size=chunk_size)

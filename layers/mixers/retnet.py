@@ -37,7 +37,8 @@ class RetNet(LinearMixer):
   here q, k and v share head_dim.)
 
   Options: num_heads, head_dim; position (a scheme name or {"name": ...,
-  **opts}); form ("chunked", "parallel", "recurrent"); chunk_size.
+  **opts}); form ("auto", "chunked", "parallel", "recurrent", or a Pallas
+  kernel); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Sun et al. 2023, "
@@ -46,7 +47,7 @@ class RetNet(LinearMixer):
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None,
-               position: str | dict = XPOS_ROTATION, form: str = "chunked",
+               position: str | dict = XPOS_ROTATION, form: str = "auto",
                chunk_size: int = 64):
     _, head_dim = resolve_heads(d_model, num_heads, None, head_dim)
     super().__init__(d_model, rngs=rngs, num_heads=num_heads, key_dim=head_dim,

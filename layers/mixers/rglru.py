@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.kernels.conv1d import causal_conv1d
-from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, RECURRENCE_FLOPS
+from layers.kernels.linear_recurrence import (LINEAR_RECURRENCE, RECURRENCE_FLOPS,
+                                              linear_scan)
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, positions_for
 from layers.params import Dense, constant_init, fan_in_init, param
@@ -110,8 +111,7 @@ class RGLRU(Mixer):
                        f"num_heads={num_heads}")
     if conv_width < 1:
       raise ValueError(f"rglru: conv_width must be >= 1, got {conv_width}")
-    LINEAR_RECURRENCE.choose(kernel)  # unknown names fail here
-    self.kernel = kernel
+    self.kernel = LINEAR_RECURRENCE.check(kernel)
     dense = lambda i, o, ia, oa: Dense(i, o, in_axes=(ia,), out_axes=(oa,),
                                        rngs=rngs, use_bias=True)
     self.gate_proj = dense(d_model, W, "embed", "mlp")
@@ -133,8 +133,7 @@ class RGLRU(Mixer):
     scale = jnp.where(reset, 1.0, sqrt_bounded_grad(1.0 - jnp.exp(2.0 * log_a)))
     b = x_BxLxW.astype(jnp.float32) * gate_i * scale
     a = jnp.where(reset, 0.0, jnp.exp(log_a))
-    impl = LINEAR_RECURRENCE.choose(self.kernel)
-    return impl.fn(a, b, h0_BxW)
+    return linear_scan(a, b, h0_BxW, self.kernel)
 
   def __call__(self, x, *, cache: RGLRUCache | None = None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
@@ -165,5 +164,5 @@ class RGLRU(Mixer):
     matmuls = sum(math.prod(m.kernel.shape) for m in
                   (self.gate_proj, self.in_proj, self.out_proj))
     gates = self.input_gate.w.size + self.a_gate.w.size
-    impl = LINEAR_RECURRENCE.choose(self.kernel)
+    impl = LINEAR_RECURRENCE.choose(self.kernel, dtype=jnp.float32)
     return 2.0 * (matmuls + gates + K * W) + RECURRENCE_FLOPS[impl.name] * W

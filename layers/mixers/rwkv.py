@@ -150,8 +150,9 @@ class RWKV6(RecurrentMixer):
   cache is a `RecurrentCache` whose state is (last token, S).
 
   Options: head_dim (K, default the paper's 64), mix_rank / decay_rank
-  (LoRA ranks, the paper's 32 / 64); form ("chunked", "parallel", "recurrent") and
-  chunk_size of the shared linear-attention kernel.
+  (LoRA ranks, the paper's 32 / 64); form ("auto", "chunked", "parallel",
+  "recurrent", or a Pallas kernel) and chunk_size of the shared
+  linear-attention kernel.
   """
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
@@ -159,7 +160,7 @@ class RWKV6(RecurrentMixer):
                    supports_segments=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 64,
-               mix_rank: int = 32, decay_rank: int = 64, form: str = "chunked",
+               mix_rank: int = 32, decay_rank: int = 64, form: str = "auto",
                chunk_size: int = 64):
     if head_dim < 1 or d_model % head_dim:
       raise ValueError(f"rwkv6: d_model={d_model} must be a positive multiple "

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.kernels.ssm import (DIAG_SCAN, check_discretization, diag_scan,
-                                discretize_diag)
+from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, linear_scan
+from layers.kernels.ssm import check_discretization, discretize_diag
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.params import param
@@ -46,7 +46,7 @@ class S5(Mixer):
   any input dtype.
 
   Options: state_dim P (even); discretization "zoh" | "bilinear"; dt_min,
-  dt_max; kernel: "auto" or a `layers.kernels.ssm.DIAG_SCAN` impl (the
+  dt_max; kernel: "auto" or a `layers.kernels.linear_recurrence` impl (the
   full form; decode always steps sequentially).
   """
 
@@ -59,7 +59,7 @@ class S5(Mixer):
                dt_max: float = 1e-1, kernel: str = "auto"):
     Lambda, _, _, V = hippo_legs_nplr(check_state_dim(state_dim))
     self.discretization = check_discretization(discretization)
-    self.kernel = check_kernel(DIAG_SCAN, kernel)
+    self.kernel = check_kernel(LINEAR_RECURRENCE, kernel)
     modes = state_dim // 2
     self.lambda_log_re = param(None, jnp.asarray(np.log(-Lambda.real)), (modes,),
                                ("state",), weight_decay=False)
@@ -92,12 +92,12 @@ class S5(Mixer):
       a = jnp.broadcast_to(a, bu.shape)
       if segment_ids is not None:
         a = jnp.where(segment_starts(segment_ids)[..., None], 0, a)
-      states = diag_scan(a, bu, jnp.zeros_like(bu[:, 0]), self.kernel)
+      states, last = linear_scan(a, bu, jnp.zeros_like(bu[:, 0]), self.kernel)
     else:
-      states = diag_scan(a, bu, cache.complex(), "sequential")
+      states, last = linear_scan(a, bu, cache.complex(), "sequential")
     y = 2.0 * jnp.einsum("bln,hn->blh", states, C, precision=HIGHEST).real
     y = self.out((y + self.D[...] * u).astype(x.dtype))
-    return y if cache is None else (y, SSMState.of(states[:, -1]))
+    return y if cache is None else (y, SSMState.of(last))
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     # Constant-size fp32 state: neither max_len nor dtype changes it.

@@ -94,35 +94,64 @@ def _grad_scores(ops, plan, q_offset, blocks, i, j, segs):
   return p, ds * plan.scale
 
 
-def _unpack(refs, segments, n_in, n_out):
-  """(inputs, segment gmem refs or None, outputs, scratch)."""
-  refs = list(refs)
-  ins, refs = refs[:n_in], refs[n_in:]
-  segs = None
-  if segments:
-    segs, refs = tuple(refs[:2]), refs[2:]
-  return ins, segs, refs[:n_out], refs[n_out:]
+class _Program:
+  """One program's refs: the gmem inputs q, k, v [, dO, lse, delta] (and
+  segment ids), the outputs, and the shared-memory blocks they load into
+  by TMA (layout in `_scratch`)."""
+
+  def __init__(self, refs, *, segments, grads, n_out, interpret):
+    n_in = 6 if grads else 3
+    refs = list(refs)
+    self.gmem, refs = refs[:n_in], refs[n_in:]
+    self.seg_g = None
+    if segments:
+      self.seg_g, refs = refs[:2], refs[2:]
+    self.outs, refs = refs[:n_out], refs[n_out:]
+    self.smem, refs = refs[:n_in], refs[n_in:]
+    self.w_s, qseg_s, kseg_s, self.q_in, self.kv_in = refs
+    self.segs = (qseg_s, kseg_s) if segments else None
+    self.ops = Ops(interpret)
+    self.b, self.h = lax.axis_index("batch"), lax.axis_index("heads")
+    q_g, k_g = self.gmem[:2]
+    self.hk = lax.div(self.h, q_g.shape[1] // k_g.shape[1])
+    self.bq, self.K = self.smem[0].shape
+    self.bk = self.smem[1].shape[0]
+
+  def query_rows(self, i):
+    return pl.ds(i * self.bq, self.bq)
+
+  def key_rows(self, j):
+    return pl.ds(j * self.bk, self.bk)
+
+  def load_queries(self, i):
+    """Query block i of q [, dO, lse, delta] and its segment ids."""
+    rows, b, h = self.query_rows(i), self.b, self.h
+    pairs = [(self.gmem[n].at[b, h, rows], self.smem[n])
+             for n in (0, *range(3, len(self.gmem)))]  # all but k, v
+    if self.segs is not None:
+      pairs.append((self.seg_g[0].at[b, rows], self.segs[0]))
+    _load(pairs, self.q_in)
+
+  def load_keys(self, j):
+    """Key block j of k and v and its segment ids."""
+    rows, b, hk = self.key_rows(j), self.b, self.hk
+    pairs = [(self.gmem[1].at[b, hk, rows], self.smem[1]),
+             (self.gmem[2].at[b, hk, rows], self.smem[2])]
+    if self.segs is not None:
+      pairs.append((self.seg_g[1].at[b, rows], self.segs[1]))
+    _load(pairs, self.kv_in)
 
 
 def _forward_kernel(*refs, plan, q_offset, segments, interpret):
-  (q_g, k_g, v_g), seg_g, (o_g, lse_g), scratch = _unpack(refs, segments, 3, 2)
-  q_s, k_s, v_s, p_s, qseg_s, kseg_s, q_in, kv_in = scratch
-  ops = Ops(interpret)
-  b, h, i = (lax.axis_index(a) for a in ("batch", "heads", "blocks"))
-  hk = lax.div(h, q_g.shape[1] // k_g.shape[1])
-  bq, K = q_s.shape
-  bk = k_s.shape[0]
-  q_rows = pl.ds(i * bq, bq)
-  _load([(q_g.at[b, h, q_rows], q_s)]
-        + ([(seg_g[0].at[b, q_rows], qseg_s)] if segments else []), q_in)
-  segs = (qseg_s, kseg_s) if segments else None
+  pr = _Program(refs, segments=segments, grads=False, n_out=2, interpret=interpret)
+  (o_g, lse_g), (q_s, k_s, v_s), p_s, ops = pr.outs, pr.smem, pr.w_s, pr.ops
+  i = lax.axis_index("blocks")
+  pr.load_queries(i)
 
   def visit(j, carry):
     m, l, acc = carry
-    k_rows = pl.ds(j * bk, bk)
-    _load([(k_g.at[b, hk, k_rows], k_s), (v_g.at[b, hk, k_rows], v_s)]
-          + ([(seg_g[1].at[b, k_rows], kseg_s)] if segments else []), kv_in)
-    s, _ = _scores(ops, plan, q_offset, q_s, k_s, i, j, segs)
+    pr.load_keys(j)
+    s, _ = _scores(ops, plan, q_offset, q_s, k_s, i, j, pr.segs)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     # A row that has seen no visible key yet keeps m = -inf; shift by 0.
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -132,75 +161,55 @@ def _forward_kernel(*refs, plan, q_offset, segments, interpret):
     acc = cols(rescale, acc.shape) * acc + ops.mm(p_s, v_s)
     return m_new, rescale * l + jnp.sum(p, axis=1), acc
 
-  init = (ops.cast(jnp.full((bq,), -jnp.inf, F32), COL),
-          ops.cast(jnp.zeros((bq,), F32), COL),
-          ops.cast(jnp.zeros((bq, K), F32), WG))
+  init = (ops.cast(jnp.full((pr.bq,), -jnp.inf, F32), COL),
+          ops.cast(jnp.zeros((pr.bq,), F32), COL),
+          ops.cast(jnp.zeros((pr.bq, pr.K), F32), WG))
   m, l, acc = lax.fori_loop(*plan.key_blocks(i, q_offset), visit, init)
   seen = l > 0  # a row that sees no key returns 0, lse = +inf
-  o_g[b, h, q_rows] = (acc / cols(jnp.where(seen, l, 1.0), acc.shape)).astype(o_g.dtype)
-  lse_g[b, h, q_rows] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+  l = jnp.where(seen, l, 1.0)
+  rows = pr.query_rows(i)
+  o_g[pr.b, pr.h, rows] = (acc / cols(l, acc.shape)).astype(o_g.dtype)
+  lse_g[pr.b, pr.h, rows] = jnp.where(seen, m + jnp.log(l), jnp.inf)
 
 
 def _dkv_kernel(*refs, plan, q_offset, segments, interpret):
-  (q_g, k_g, v_g, do_g, lse_g, delta_g), seg_g, (dk_g, dv_g), scratch = _unpack(
-      refs, segments, 6, 2)
-  q_s, k_s, v_s, do_s, lse_s, delta_s, w_s, qseg_s, kseg_s, q_in, kv_in = scratch
-  ops = Ops(interpret)
-  b, h, j = (lax.axis_index(a) for a in ("batch", "heads", "blocks"))
-  hk = lax.div(h, q_g.shape[1] // k_g.shape[1])
-  bq, K = q_s.shape
-  bk = k_s.shape[0]
-  k_rows = pl.ds(j * bk, bk)
-  _load([(k_g.at[b, hk, k_rows], k_s), (v_g.at[b, hk, k_rows], v_s)]
-        + ([(seg_g[1].at[b, k_rows], kseg_s)] if segments else []), kv_in)
-  segs = (qseg_s, kseg_s) if segments else None
-  blocks = (q_s, k_s, v_s, do_s, lse_s, delta_s)
+  pr = _Program(refs, segments=segments, grads=True, n_out=2, interpret=interpret)
+  (dk_g, dv_g), ops, w_s = pr.outs, pr.ops, pr.w_s
+  q_s, do_s = pr.smem[0], pr.smem[3]
+  j = lax.axis_index("blocks")
+  pr.load_keys(j)
 
   def visit(i, carry):
     dk, dv = carry
-    q_rows = pl.ds(i * bq, bq)
-    _load([(q_g.at[b, h, q_rows], q_s), (do_g.at[b, h, q_rows], do_s),
-           (lse_g.at[b, h, q_rows], lse_s), (delta_g.at[b, h, q_rows], delta_s)]
-          + ([(seg_g[0].at[b, q_rows], qseg_s)] if segments else []), q_in)
-    p, ds = _grad_scores(ops, plan, q_offset, blocks, i, j, segs)
+    pr.load_queries(i)
+    p, ds = _grad_scores(ops, plan, q_offset, pr.smem, i, j, pr.segs)
     ops.stage(w_s, p)
     dv = dv + ops.mm(w_s, do_s, ta=True)
     ops.stage(w_s, ds)
     return dk + ops.mm(w_s, q_s, ta=True), dv
 
-  zeros = ops.cast(jnp.zeros((bk, K), F32), WG)
+  zeros = ops.cast(jnp.zeros((pr.bk, pr.K), F32), WG)
   dk, dv = lax.fori_loop(*plan.query_blocks(j, q_offset), visit, (zeros, zeros))
-  dk_g[b, h, k_rows] = dk
-  dv_g[b, h, k_rows] = dv
+  rows = pr.key_rows(j)
+  dk_g[pr.b, pr.h, rows] = dk
+  dv_g[pr.b, pr.h, rows] = dv
 
 
 def _dq_kernel(*refs, plan, q_offset, segments, interpret):
-  (q_g, k_g, v_g, do_g, lse_g, delta_g), seg_g, (dq_g,), scratch = _unpack(
-      refs, segments, 6, 1)
-  q_s, k_s, v_s, do_s, lse_s, delta_s, w_s, qseg_s, kseg_s, q_in, kv_in = scratch
-  ops = Ops(interpret)
-  b, h, i = (lax.axis_index(a) for a in ("batch", "heads", "blocks"))
-  hk = lax.div(h, q_g.shape[1] // k_g.shape[1])
-  bq, K = q_s.shape
-  bk = k_s.shape[0]
-  q_rows = pl.ds(i * bq, bq)
-  _load([(q_g.at[b, h, q_rows], q_s), (do_g.at[b, h, q_rows], do_s),
-         (lse_g.at[b, h, q_rows], lse_s), (delta_g.at[b, h, q_rows], delta_s)]
-        + ([(seg_g[0].at[b, q_rows], qseg_s)] if segments else []), q_in)
-  segs = (qseg_s, kseg_s) if segments else None
-  blocks = (q_s, k_s, v_s, do_s, lse_s, delta_s)
+  pr = _Program(refs, segments=segments, grads=True, n_out=1, interpret=interpret)
+  (dq_g,), ops, w_s, k_s = pr.outs, pr.ops, pr.w_s, pr.smem[1]
+  i = lax.axis_index("blocks")
+  pr.load_queries(i)
 
   def visit(j, dq):
-    k_rows = pl.ds(j * bk, bk)
-    _load([(k_g.at[b, hk, k_rows], k_s), (v_g.at[b, hk, k_rows], v_s)]
-          + ([(seg_g[1].at[b, k_rows], kseg_s)] if segments else []), kv_in)
-    _, ds = _grad_scores(ops, plan, q_offset, blocks, i, j, segs)
+    pr.load_keys(j)
+    _, ds = _grad_scores(ops, plan, q_offset, pr.smem, i, j, pr.segs)
     ops.stage(w_s, ds)
     return dq + ops.mm(w_s, k_s)
 
   dq = lax.fori_loop(*plan.key_blocks(i, q_offset), visit,
-                     ops.cast(jnp.zeros((bq, K), F32), WG))
-  dq_g[b, h, q_rows] = dq
+                     ops.cast(jnp.zeros((pr.bq, pr.K), F32), WG))
+  dq_g[pr.b, pr.h, pr.query_rows(i)] = dq
 
 
 # -- kernel launches -------------------------------------------------------
