@@ -103,15 +103,15 @@ def test_blockwise_matches_reference_bf16():
 @pytest.mark.parametrize("plant", ["skip_diagonal_block", "late_window_start",
                                    "backward_misses_first_query_block"])
 def test_equality_check_catches_planted_block_bounds(plant, monkeypatch):
-  keys, queries = flash._Plan.key_blocks, flash._Plan.query_blocks
+  keys, queries = flash.Plan.key_blocks, flash.Plan.query_blocks
   if plant == "skip_diagonal_block":
-    monkeypatch.setattr(flash._Plan, "key_blocks", lambda self, i, off: (
+    monkeypatch.setattr(flash.Plan, "key_blocks", lambda self, i, off: (
         keys(self, i, off)[0], keys(self, i, off)[1] - 1))
   elif plant == "late_window_start":
-    monkeypatch.setattr(flash._Plan, "key_blocks", lambda self, i, off: (
+    monkeypatch.setattr(flash.Plan, "key_blocks", lambda self, i, off: (
         keys(self, i, off)[0] + 1, keys(self, i, off)[1]))
   else:
-    monkeypatch.setattr(flash._Plan, "query_blocks", lambda self, j, off: (
+    monkeypatch.setattr(flash.Plan, "query_blocks", lambda self, j, off: (
         queries(self, j, off)[0] + 1, queries(self, j, off)[1]))
   with pytest.raises(AssertionError, match="rel err"):
     check_against_reference("mqa_window")
@@ -123,7 +123,7 @@ def test_block_ranges_are_exactly_the_blocks_with_a_visible_key():
   for causal, window, S, q_offset in [(True, None, 37, 0), (True, 7, 37, 0),
                                       (False, 20, 40, 0), (True, 5, 64, 29)]:
     t = 37 if q_offset == 0 else 3
-    plan = flash._Plan(causal=causal, window=window, softcap=None, scale=1.0,
+    plan = flash.Plan(causal=causal, window=window, softcap=None, scale=1.0,
                        T=t, S=S, bq=BQ, bk=BK)
     q_pos = q_offset + np.arange(t)[:, None]
     k_pos = np.arange(S)[None, :]

@@ -7,13 +7,12 @@ import pytest
 from flax import nnx
 
 from layers import mixers, positions
-from layers.kernels.linear_attention import LINEAR_ATTENTION, causal_linear_attention
+from layers.kernels.linear_attention import FORMS, causal_linear_attention
 from layers.mixers.based import taylor_features
 from layers.mixers.performer import RandomFeatures
 from layers.registry import OptionError
 from mixer_contract import full, rel_err
 
-FORMS = LINEAR_ATTENTION.names()
 B, H, K, V = 2, 2, 4, 3
 RTOL = 1e-5
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from layers import mixers
-from layers.kernels.linear_attention import LINEAR_ATTENTION
+from layers.kernels import linear_attention, selective_scan
 from layers.kernels.selective_scan import SELECTIVE_SCAN
 from layers.mixers.mamba import ssd
 
@@ -93,8 +93,8 @@ def s6(form, inp):
 def test_s6_forms_match_naive_recurrence():
   inp = s6_inputs()
   y_ref, h_ref = s6_naive(**inp)
-  assert set(SELECTIVE_SCAN.names()) == {"chunked", "sequential"}
-  for form in SELECTIVE_SCAN.names():
+  assert set(selective_scan.FORMS) == {"chunked", "sequential"}
+  for form in selective_scan.FORMS:
     y, h = s6(form, inp)
     assert y.dtype == h.dtype == jnp.float32
     assert rel_err(y, y_ref) <= 1e-5, (form, rel_err(y, y_ref))
@@ -106,7 +106,7 @@ def test_ssd_forms_match_quadratic_form():
   y_ref, h_ref = ssd_quadratic(**inp)
   a = f32(inp)
   segment_ids = jnp.asarray(np.cumsum(inp["reset"], 1), jnp.int32)
-  for form in LINEAR_ATTENTION.names():
+  for form in linear_attention.FORMS:
     y, h_BxHxNxP = ssd(a["x"], a["dt"], a["A"], a["B"], a["C"],
                        state=jnp.swapaxes(a["h0"], -1, -2),
                        segment_ids=segment_ids, kernel=form, chunk_size=CHUNK)

@@ -9,7 +9,8 @@ from flax import nnx
 
 from layers import mixers
 from layers.kernels.fftconv import causal_conv, conv_rows
-from layers.kernels.ssm import (bilinear_conj_dplr, diag_scan, discretize_diag,
+from layers.kernels.linear_recurrence import linear_scan
+from layers.kernels.ssm import (bilinear_conj_dplr, discretize_diag,
                                 dplr_kernel, vandermonde_kernel)
 from layers.mixers.dss import inv_geometric_sum
 from layers.blocks.conv import ShortConv
@@ -132,8 +133,8 @@ def test_associative_scan_matches_sequential_and_naive():
     ref.append(h)
   ref = np.stack(ref, 1)
   args = [jnp.asarray(v, jnp.complex64) for v in (a, b, h0)]
-  assert rel(diag_scan(*args, kernel="associative"), ref) < 1e-5
-  assert rel(diag_scan(*args, kernel="sequential"), ref) < 1e-5
+  assert rel(linear_scan(*args, kernel="associative")[0], ref) < 1e-5
+  assert rel(linear_scan(*args, kernel="sequential")[0], ref) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["zoh", "bilinear"])
@@ -476,7 +477,7 @@ def test_hyena_filter_is_defined_for_any_length():
     ("s4", {"dplr_kernel": "woodbury"}, "dplr_kernel"),
     ("s4", {"b_clip": 0.0}, "b_clip"),
     ("dss", {"norm_len": 0}, "norm_len"),
-    ("s5", {"kernel": "parallel"}, "diag_scan"),
+    ("s5", {"kernel": "parallel"}, "linear_recurrence"),
     ("s5", {"discretization": "foh"}, "discretization"),
     ("h3", {"head_dim": 5}, "head_dim"),
     ("hyena", {"order": 1}, "order"),

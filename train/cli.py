@@ -5,6 +5,7 @@
     mixerlab sweep --config configs/sweeps/default.yaml
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
     mixerlab bench-moe --experts 8,16,32,64
+    mixerlab bench-kernels --ops attention,scan --lengths 1024,4096
     mixerlab mixers
 
 Trailing `key=value` arguments override config keys (train.configs). The
@@ -138,6 +139,21 @@ def cmd_bench_moe(args) -> int:
   return 0
 
 
+def cmd_bench_kernels(args) -> int:
+  from train.bench import kernels as bench_kernels
+  try:
+    spec = bench_kernels.KernelBenchSpec(**{
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(bench_kernels.KernelBenchSpec)})
+  except ValueError as e:
+    raise configs.ConfigError(f"bench-kernels: {e}") from None
+  cmd = bench_kernels.command(spec)
+  print(cmd)
+  bench_kernels.run(spec, cmd)
+  print(open(os.path.join(spec.out, "bench_kernels.md")).read())
+  return 0
+
+
 def cmd_mixers(args) -> int:
   from train.bench import mixers as bench
   print(bench.mixer_table(args.d_model, args.length, args.batch))
@@ -187,6 +203,11 @@ def parser() -> argparse.ArgumentParser:
   from train.bench.moe import MoEBenchSpec
   _bench_flags(s, MoEBenchSpec)
   s.set_defaults(func=cmd_bench_moe)
+  s = add("bench-kernels", help="Pallas kernels against their baselines: time, "
+          "TFLOP/s and ratio vs length and head dim")
+  from train.bench.kernels import KernelBenchSpec
+  _bench_flags(s, KernelBenchSpec)
+  s.set_defaults(func=cmd_bench_kernels)
   s = add("mixers", help="list registered mixers with size and forward time")
   s.add_argument("--d-model", type=positive, default=64)
   s.add_argument("--length", type=positive, default=256)

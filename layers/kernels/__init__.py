@@ -42,13 +42,18 @@ class Op:
   def names(self) -> list[str]:
     return list(self.impls)
 
+  def check(self, requested: str) -> str:
+    """`requested` if it is "auto" or an implementation's name, else a
+    ValueError naming the choices."""
+    if requested != "auto" and requested not in self.impls:
+      raise ValueError(f"unknown {self.name} kernel {requested!r}; "
+                       f"choose 'auto' or one of {self.names()}")
+    return requested
+
   def choose(self, requested: str = "auto", platform: str | None = None,
              **query) -> Impl:
     platform = platform or jax.default_backend()
-    if requested != "auto":
-      if requested not in self.impls:
-        raise ValueError(f"unknown {self.name} kernel {requested!r}; "
-                         f"choose 'auto' or one of {self.names()}")
+    if self.check(requested) != "auto":
       impl = self.impls[requested]
       reason = impl.declines(platform=platform, **query)
       if reason:

@@ -12,6 +12,14 @@ options) and never receives a mask array:
     JAX; O(L d) memory, causal and window block skipping; takes every call.
   * "reference": the plain einsum over the whole [T, S] score matrix, the
     oracle; used only when forced.
+  * "pallas_tpu", "pallas_gpu": `layers.kernels.pallas.flash_tpu` /
+    `flash_gpu`, the flash kernels in Pallas for TPU and Mosaic GPU (no
+    ALiBi, a static q_offset).
+
+Order: TPU the Pallas kernel, then blockwise; GPU cuDNN, then the Pallas
+kernel (for what cuDNN cannot express without a mask: segments, the
+soft-cap; first only once a GPU measures it against cuDNN), then
+blockwise; CPU blockwise.
 
 `attend` chooses an implementation for a call (logged once) and runs it.
 """
@@ -22,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.kernels import Impl, Op, attention_call, flash
+from layers.kernels.pallas import flash_gpu, flash_tpu
 
 
 @attention_call.checked
@@ -117,8 +126,11 @@ ATTENTION = Op(
         "cudnn": Impl("cudnn", _cudnn, _cudnn_declines),
         "blockwise": Impl("blockwise", flash.attention),
         "reference": Impl("reference", reference),
+        "pallas_tpu": flash_tpu.IMPL,
+        "pallas_gpu": flash_gpu.IMPL,
     },
-    order={"gpu": ("cudnn", "blockwise"),
+    order={"tpu": ("pallas_tpu", "blockwise"),
+           "gpu": ("cudnn", "pallas_gpu", "blockwise"),
            "default": ("blockwise",)},
 )
 

@@ -39,7 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.kernels import attention_call
+from layers.kernels import attention_call, chunks
 
 # Forward+backward CPU time on a 2-core x86 CPU, L = 4K and 16K, 4 heads of
 # 16, and head dims 64 and 128 at 4K: 256 x 256 blocks are the best overall.
@@ -61,7 +61,7 @@ def attention(q, k, v, *, causal=True, q_offset=0, window=None,
       raise ValueError(f"attention: {name} must be an int >= 1, got {size!r}")
   B, T, H, K = q.shape
   S, G = k.shape[1], k.shape[2]
-  plan = _Plan(causal=causal, window=window, softcap=softcap,
+  plan = Plan(causal=causal, window=window, softcap=softcap,
                scale=K ** -0.5 if scale is None else scale, T=T, S=S,
                bq=min(block_q, T), bk=min(block_k, S))
   qb = jnp.moveaxis(_split(q.reshape(B, T, G, H // G, K), plan.bq), 2, -2)
@@ -81,14 +81,19 @@ def attention(q, k, v, *, causal=True, q_offset=0, window=None,
 
 def _split(x, size):
   """[B, L, ...] -> [n, B, size, ...], zero-padding L up to n * size."""
-  n = -(-x.shape[1] // size)
-  x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+  return jnp.moveaxis(chunks.split(x, size), 1, 0)
+
+
+def _div(x, n):
+  """floor(x / n) for x >= -n, n > 0, without floor division (which Mosaic
+  TPU lowers only knowing the chip generation)."""
+  return jax.lax.div(x + n, n) - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  """The static shape of a call: options, lengths and block sizes."""
+class Plan:
+  """The static shape of a call: options, lengths and block sizes; also
+  what the Pallas kernels (`layers.kernels.pallas.flash_common`) visit."""
   causal: bool
   window: int | None
   softcap: float | None
@@ -110,9 +115,11 @@ class _Plan:
     """[lo, hi): the key blocks that query block i can see."""
     first = q_offset + i * self.bq
     last = q_offset + jnp.minimum((i + 1) * self.bq, self.T) - 1
-    hi = jnp.clip(last // self.bk + 1, 0, self.nk) if self.causal else self.nk
+    hi = self.nk
+    if self.causal:
+      hi = jnp.clip(jax.lax.div(last, self.bk) + 1, 0, self.nk)
     lo = 0 if self.window is None else jnp.clip(
-        (first - self.window + 1) // self.bk, 0, self.nk)
+        _div(jnp.maximum(first - self.window + 1, -self.bk), self.bk), 0, self.nk)
     return lo, hi
 
   def query_blocks(self, j, q_offset):
@@ -122,10 +129,24 @@ class _Plan:
     lo = 0
     if self.causal:  # the first query row at or after the block's first key
       row = first - q_offset
-      lo = jnp.where(row < self.T, jnp.clip(row // self.bq, 0, self.nq), self.nq)
+      lo = jnp.where(row < self.T, jnp.clip(
+          _div(jnp.maximum(row, -self.bq), self.bq), 0, self.nq), self.nq)
     hi = self.nq if self.window is None else jnp.clip(
-        (last + self.window - 1 - q_offset) // self.bq + 1, 0, self.nq)
+        _div(jnp.maximum(last + self.window - 1 - q_offset, -self.bq),
+             self.bq) + 1, 0, self.nq)
     return lo, hi
+
+  def visible(self, q_pos, k_pos):
+    """Which (query, key) positions the causal, window and key-padding
+    rules let through (broadcast of q_pos and k_pos), or None for all."""
+    rules = []
+    if self.causal:
+      rules.append(k_pos <= q_pos)
+    if self.window is not None:
+      rules.append(k_pos > q_pos - self.window)
+    if self.S % self.bk:  # the last key block is padded
+      rules.append(k_pos < self.S)
+    return functools.reduce(jnp.logical_and, rules) if rules else None
 
   def scores(self, q_i, k_j, i, j, q_offset, segs_ij, slopes):
     """Masked fp32 scores [B, G, R, bq, bk] of query block i against key
@@ -140,18 +161,13 @@ class _Plan:
     k_pos = j * self.bk + jnp.arange(self.bk)[None, :]
     if slopes is not None:
       s = s - slopes[:, :, None, None] * (q_pos - k_pos).astype(jnp.float32)
-    visible = []
-    if self.causal:
-      visible.append(k_pos <= q_pos)
-    if self.window is not None:
-      visible.append(k_pos > q_pos - self.window)
-    if self.S % self.bk:  # the last key block is padded
-      visible.append(k_pos < self.S)
+    visible = self.visible(q_pos, k_pos)
     if segs_ij is not None:
       q_seg, k_seg = segs_ij
-      visible.append((q_seg[:, :, None] == k_seg[:, None, :])[:, None, None])
-    if visible:
-      s = jnp.where(functools.reduce(jnp.logical_and, visible), s, -jnp.inf)
+      same = (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
+      visible = same if visible is None else visible & same
+    if visible is not None:
+      s = jnp.where(visible, s, -jnp.inf)
     return s, t
 
 

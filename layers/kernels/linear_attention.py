@@ -17,6 +17,10 @@ Forms (same outputs to fp32 rounding; `LINEAR_ATTENTION.names()`):
   chunked:   the parallel form inside chunks of C tokens; the state is
              carried across chunks by a scan. O(L C) time.
   recurrent: the recurrence token by token. O(L) sequential steps.
+  pallas_tpu, pallas_gpu: the chunked form as Pallas kernels
+             (`layers.kernels.pallas.linear_attention_tpu` / `_gpu`).
+"auto" takes the first form of the platform's order that accepts the
+call: TPU pallas_tpu, GPU pallas_gpu, then chunked (chunked on CPU).
 
 Every exponent taken is a difference b_t - b_s with s <= t, so it is <= 0
 and nothing overflows however strong the decay. With per-channel decay the
@@ -38,7 +42,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from layers.kernels import Impl, Op
+from layers.kernels import Impl, Op, chunks
+from layers.kernels.pallas import linear_attention_gpu as gpu_la
+from layers.kernels.pallas import linear_attention_tpu as tpu_la
 
 SUB_CHUNK = 16  # per-channel decay: exact [c, c, K] products only within c tokens
 
@@ -115,12 +121,10 @@ def chunked(q, k, v, log_decay, segment_ids, state, *, chunk_size):
   """Parallel inside chunks of min(chunk_size, L) tokens, a scan across."""
   B, L, H, _ = q.shape
   C = min(chunk_size, L)
-  N = -(-L // C)
-  pad = [(0, 0), (0, N * C - L), (0, 0), (0, 0)]
-  chunks = lambda x: _heads_first(jnp.pad(x, pad)).reshape(
-      B, H, N, C, x.shape[-1])
-  q, k, vc, g = map(chunks, (q, k, v, log_decay))  # [B, H, N, C, *]
-  seg = jnp.pad(segment_ids, pad[:2], mode="edge").reshape(B, N, C)
+  in_chunks = lambda x: jnp.moveaxis(chunks.split(x, C), 3, 1).astype(
+      jnp.float32)  # [B, N, C, H, *] -> [B, H, N, C, *]
+  q, k, vc, g = map(in_chunks, (q, k, v, log_decay))
+  seg = chunks.split(segment_ids, C, mode="edge")  # [B, N, C]
   b = jnp.cumsum(g, axis=3)
   same = seg[..., :, None] == seg[..., None, :]  # [B, N, C, C]
   o = _chunk_scores(q, k, b, (jnp.tril(jnp.ones((C, C), bool)) & same)[:, None]) @ vc
@@ -138,7 +142,7 @@ def chunked(q, k, v, log_decay, segment_ids, state, *, chunk_size):
   final, entering = jax.lax.scan(
       step, state, (jnp.moveaxis(carry, 2, 0), jnp.moveaxis(_t(k_end) @ vc, 2, 0)))
   o = o + (q * jnp.exp(b) * flag(seg == seg_prev)) @ jnp.moveaxis(entering, 0, 2)
-  return _out(o.reshape(B, H, N * C, -1)[:, :, :L], v), final
+  return chunks.merge(jnp.moveaxis(o, 1, 3), L).astype(v.dtype), final
 
 
 def recurrent(q, k, v, log_decay, segment_ids, state, *, chunk_size):
@@ -163,28 +167,26 @@ def _out(o_BxHxLxV, v_BxHxLxV):
   return jnp.swapaxes(o_BxHxLxV, 1, 2).astype(v_BxHxLxV.dtype)
 
 
+# The pure-JAX forms: every platform runs them, and they are the oracles.
+FORMS = ("chunked", "parallel", "recurrent")
+
 LINEAR_ATTENTION = Op(
     "linear_attention",
     impls={"chunked": Impl("chunked", chunked),
            "parallel": Impl("parallel", parallel),
-           "recurrent": Impl("recurrent", recurrent)},
-    order={"default": ("chunked",)},
+           "recurrent": Impl("recurrent", recurrent),
+           "pallas_tpu": tpu_la.IMPL,
+           "pallas_gpu": gpu_la.IMPL},
+    order={"tpu": ("pallas_tpu", "chunked"),
+           "gpu": ("pallas_gpu", "chunked"),
+           "default": ("chunked",)},
 )
-
-
-def check_form(form: str, chunk_size: int, who: str) -> None:
-  """Raise a ValueError naming the bad `form` / `chunk_size` option."""
-  if form not in LINEAR_ATTENTION.names():
-    raise ValueError(f"{who}: unknown form {form!r}; choose one of "
-                     f"{LINEAR_ATTENTION.names()}")
-  if chunk_size < 1:
-    raise ValueError(f"{who}: chunk_size must be >= 1, got {chunk_size}")
 
 
 # Jitted so that eager calls run as one program rather than op by op.
 @functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
 def causal_linear_attention(q, k, v, *, log_decay=None, segment_ids=None,
-                            state=None, form: str = "chunked",
+                            state=None, form: str = "auto",
                             chunk_size: int = 64):
   """o_t = S_t^T q_t with S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T.
 
@@ -193,13 +195,16 @@ def causal_linear_attention(q, k, v, *, log_decay=None, segment_ids=None,
   (o [B, L, H, V] in v's dtype, final state [B, H, K, V] fp32).
   """
   B, L, H, K = q.shape
+  decay = ("none" if log_decay is None
+           else "scalar" if log_decay.shape[-1] == 1 else "channel")
+  impl = LINEAR_ATTENTION.choose(form, dtype=q.dtype, chunk_size=chunk_size,
+                                 key_dim=K, value_dim=v.shape[-1], decay=decay)
   log_decay = (jnp.zeros((B, L, H, 1), jnp.float32) if log_decay is None
                else log_decay.astype(jnp.float32))
   segment_ids = (jnp.zeros((B, L), jnp.int32) if segment_ids is None
                  else segment_ids)
   state = (jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if state is None
            else state)
-  impl = LINEAR_ATTENTION.choose(form)
   return impl.fn(q, k, v, log_decay, segment_ids, state, chunk_size=chunk_size)
 
 
@@ -226,9 +231,11 @@ def flops_per_token(form: str, seq_len: int, chunk_size: int, key_dim: int,
   Recurrent: k v^T into the state and its read-out, 2 K V each. Parallel
   and chunked also score every query against a block of keys (the whole
   sequence, or its chunk) and mix their values: 2 T (K + V) for a block of
-  T, masked entries included since they are computed.
+  T, masked entries included since they are computed. The Pallas kernels
+  and "auto" (which chooses the chunked form or a kernel) count as chunked.
   """
   state = 4.0 * key_dim * value_dim
-  block = {"recurrent": 0, "chunked": min(chunk_size, seq_len),
-           "parallel": seq_len}[form]
+  chunk = min(chunk_size, seq_len)
+  block = {"recurrent": 0, "chunked": chunk, "auto": chunk, "pallas_tpu": chunk,
+           "pallas_gpu": chunk, "parallel": seq_len}[form]
   return state + 2.0 * block * (key_dim + value_dim)

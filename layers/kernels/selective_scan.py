@@ -1,4 +1,4 @@
-"""Mamba's selective scan (S6), pure JAX.
+"""Mamba's selective scan (S6): the pure-JAX forms and the op.
 
 SELECTIVE_SCAN (Gu & Dao 2023): per channel d and state index n,
     h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] x_t[d]
@@ -9,6 +9,8 @@ SELECTIVE_SCAN (Gu & Dao 2023): per channel d and state index n,
                contraction. The chunk body is rematerialized in the
                backward pass, so the expanded state is only ever held for
                one chunk (what the fused CUDA kernel does in SRAM).
+  "pallas_gpu": `layers.kernels.pallas.scan_selective_gpu`, the fused scan
+               in Mosaic GPU (d_state <= 16); the first choice on GPU.
 
 (Mamba-2's SSD has one scalar decay per head, which makes it decayed
 linear attention: it runs on `layers.kernels.linear_attention`.)
@@ -28,7 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.kernels import Impl, Op
+from layers.kernels import Impl, Op, chunks
+from layers.kernels.linear_recurrence import combine
+from layers.kernels.pallas import scan_selective_gpu
 
 F32 = jnp.float32
 
@@ -45,19 +49,6 @@ def _f32(*arrays):
 
 def _resets(reset_BxL, B, L):
   return jnp.zeros((B, L), bool) if reset_BxL is None else reset_BxL
-
-
-def _pad_time(T, *arrays):
-  """Zero-pad axis 1 of each array to a multiple of T."""
-  L = arrays[0].shape[1]
-  pad = -L % T
-  return [jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-          for a in arrays]
-
-
-def _chunks(T, a):
-  """[B, L, ...] (L a multiple of T) -> [B, L/T, T, ...]."""
-  return a.reshape(a.shape[0], -1, T, *a.shape[2:])
 
 
 def s6_sequential(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
@@ -80,13 +71,6 @@ def s6_sequential(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
   return jnp.swapaxes(y_LxBxD, 0, 1), h
 
 
-def _combine(left, right):
-  """Compose h -> a1 h + b1 then h -> a2 h + b2."""
-  a1, b1 = left
-  a2, b2 = right
-  return a2 * a1, a2 * b1 + b2
-
-
 def s6_chunked(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
                reset_BxL=None, chunk_size=64):
   """Associative scan within chunks of `chunk_size`, carried across."""
@@ -94,8 +78,8 @@ def s6_chunked(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
   T = min(chunk_size, L)
   x, dt, A, Bm, Cm = _f32(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN)
   h0 = jnp.zeros((Bsz, D, A.shape[1]), F32) if h0 is None else h0.astype(F32)
-  padded = _pad_time(T, x, dt, Bm, Cm, _resets(reset_BxL, Bsz, L))
-  chunk_major = [jnp.swapaxes(_chunks(T, a), 0, 1) for a in padded]
+  chunk_major = [jnp.swapaxes(chunks.split(a, T), 0, 1)
+                 for a in (x, dt, Bm, Cm, _resets(reset_BxL, Bsz, L))]
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk(h_BxDxN, inp):
@@ -103,24 +87,29 @@ def s6_chunked(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, *, h0=None,
     a_BxTxDxN = jnp.where(r_c[..., None, None], 0.0,
                           jnp.exp(dt_c[..., None] * A))
     b_BxTxDxN = (dt_c * x_c)[..., None] * B_c[:, :, None]
-    a_cum, h_local = jax.lax.associative_scan(_combine, (a_BxTxDxN, b_BxTxDxN),
+    a_cum, h_local = jax.lax.associative_scan(combine, (a_BxTxDxN, b_BxTxDxN),
                                               axis=1)
     h_all = a_cum * h_BxDxN[:, None] + h_local
     return h_all[:, -1], jnp.einsum("btdn,btn->btd", h_all, C_c)
 
   h, y_CxBxTxD = jax.lax.scan(chunk, h0, chunk_major)
-  y = jnp.swapaxes(y_CxBxTxD, 0, 1).reshape(Bsz, -1, D)
-  return y[:, :L], h
+  return chunks.merge(jnp.swapaxes(y_CxBxTxD, 0, 1), L), h
 
+
+# The pure-JAX forms: every platform runs them, and they are the oracles.
+FORMS = ("chunked", "sequential")
 
 SELECTIVE_SCAN = Op(
     "selective_scan",
     impls={"chunked": Impl("chunked", _jit(s6_chunked)),
-           "sequential": Impl("sequential", _jit(s6_sequential))},
+           "sequential": Impl("sequential", _jit(s6_sequential)),
+           "pallas_gpu": scan_selective_gpu.IMPL},
     # On CPU the plain scan is the faster one (about 3x for fwd+bwd at
     # d_inner=256, L=512): the associative scan and its recompute only pay
     # off where the steps would otherwise run serially on a wide device.
+    # On GPU the fused kernel keeps the [D, N] states in registers.
     order={"cpu": ("sequential", "chunked"),
+           "gpu": ("pallas_gpu", "chunked", "sequential"),
            "default": ("chunked", "sequential")},
 )
 
@@ -131,7 +120,8 @@ def s6_flops_per_token(form: str, d_inner: int, d_state: int) -> float:
   sequential: discretize (dt*A, dt*x*B: 3), update (a*h + b: 2) and read
   out (C.h: 2) each element. chunked: the same, but the associative scan
   does about two combines (3 each) per element instead of one update, and
-  the carried state is applied afterwards (2).
+  the carried state is applied afterwards (2). pallas_gpu: as sequential
+  (one step per element).
   """
-  per_element = {"sequential": 7.0, "chunked": 13.0}
+  per_element = {"sequential": 7.0, "chunked": 13.0, "pallas_gpu": 7.0}
   return per_element[form] * d_inner * d_state

@@ -1,5 +1,5 @@
 """Linear time-invariant state-space cores: discretization, convolution
-kernels and linear scans.
+kernels and the recurrent form.
 
 A continuous SSM x'(t) = A x + B u, y = C x is discretized with step dt to
 x_t = Abar x_{t-1} + Bbar u_t, y_t = C x_t, whose output is the causal
@@ -11,11 +11,8 @@ powers Abar^l and long recurrences drift in bf16. The array functions are
 jitted (lengths static) so eager calls compile one program each, not one
 per primitive; inside an outer jit they inline.
 
-Ops with interchangeable pure-JAX forms (a Pallas kernel slots in as another
-impl):
-  DIAG_SCAN: h_t = a_t * h_{t-1} + b_t, elementwise: "associative"
-    (jax.lax.associative_scan, O(L) work, O(log L) depth) and "sequential"
-    (jax.lax.scan, O(L) steps).
+The recurrent forms scan with `layers.kernels.linear_recurrence` (the one
+linear-scan op). An op with interchangeable pure-JAX forms:
   DPLR_KERNEL: the S4 kernel of A = diag(Lambda) - P P^* over N/2 modes
     and their conjugates (bilinear): "cauchy" (generating function at roots
     of unity, Woodbury identity and Cauchy sums, then an inverse FFT) and
@@ -30,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.kernels import Impl, Op
+from layers.kernels.linear_recurrence import linear_scan
 
 # -- discretization -----------------------------------------------------------
 
@@ -112,54 +110,9 @@ def diag_recurrence(log_a, b, c, u, x0, kernel: str = "sequential"):
   log_a, b, c: [*C, N]; u: [B, L, *C]; x0: [B, *C, N] complex.
   Returns y [B, L, *C] fp32 and the last state [B, *C, N]."""
   bu = b * u.astype(jnp.float32)[..., None]                     # [B, L, *C, N]
-  x = DIAG_SCAN.choose(kernel).fn(jnp.exp(log_a), bu, x0)
+  x, last = linear_scan(jnp.exp(log_a), bu, x0, kernel)
   y = 2.0 * jnp.sum(c * x, axis=-1).real
-  return y, x[:, -1]
-
-
-# -- linear scans -------------------------------------------------------------
-
-
-@jax.jit
-def _sequential(a, b, h0):
-  a = jnp.broadcast_to(a, b.shape)
-
-  def step(h, ab):
-    h = ab[0] * h + ab[1]
-    return h, h
-
-  _, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)))
-  return jnp.moveaxis(h, 0, 1)
-
-
-def _combine(left, right):
-  a1, b1 = left
-  a2, b2 = right
-  return a1 * a2, a2 * b1 + b2
-
-
-@jax.jit
-def _associative(a, b, h0):
-  a = jnp.broadcast_to(a, b.shape)
-  # Fold the initial state into the first input: h_0 = a_0 h0 + b_0.
-  b = b.at[:, 0].add(a[:, 0] * h0)
-  return jax.lax.associative_scan(_combine, (a, b), axis=1)[1]
-
-
-DIAG_SCAN = Op(
-    "diag_scan",
-    impls={"associative": Impl("associative", _associative),
-           "sequential": Impl("sequential", _sequential)},
-    order={"default": ("associative", "sequential")},
-)
-
-
-def diag_scan(a: jax.Array, b: jax.Array, h0: jax.Array,
-              kernel: str = "auto") -> jax.Array:
-  """All states of h_t = a_t h_{t-1} + b_t along axis 1.
-
-  b: [B, L, *S]; a: broadcastable to b; h0: [B, *S]. Returns [B, L, *S]."""
-  return DIAG_SCAN.choose(kernel).fn(a, b, h0)
+  return y, last
 
 
 # -- DPLR (S4) kernels --------------------------------------------------------

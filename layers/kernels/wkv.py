@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from layers.kernels import Impl, Op
-from layers.kernels.linear_recurrence import scan_chunks
+from layers.kernels.chunks import scan_chunks
 
 # The "empty" running maximum: exp(NEG - anything finite) == 0, and unlike
 # -inf it keeps max/subtract gradients finite.

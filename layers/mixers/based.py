@@ -55,7 +55,7 @@ class Based(FeatureAttention):
 
   Options: num_heads (reference 16), head_dim (default d_model //
   num_heads), feature_dim F (reference and default 16); kernel ("auto", "chunked",
-  "parallel", "recurrent") and chunk_size of the shared kernel.
+  "parallel", "recurrent", or a Pallas kernel on TPU/GPU) and chunk_size of the shared kernel.
   """
 
   info = MixerInfo(family="linear attention", paper="Arora et al. 2024, "

@@ -34,7 +34,7 @@ class GLA(LinearMixer):
   Options: num_heads; head_dim (value width per head, default d_model //
   num_heads); key_dim (per head, default head_dim // 2 as the paper's
   d_k = d / 2); gate_rank, gate_temperature (tau); kernel ("auto", "chunked",
-  "parallel", "recurrent"); chunk_size.
+  "parallel", "recurrent", or a Pallas kernel on TPU/GPU); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Yang et al. 2023, "

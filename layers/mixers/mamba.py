@@ -151,7 +151,7 @@ class Mamba(Mixer):
     if self.dt_norm is not None:
       dt_r, B, C = self.dt_norm(dt_r), self.b_norm(B), self.c_norm(C)
     dt = jax.nn.softplus(self.dt_proj(dt_r).astype(F32) + self.dt_bias[...])
-    scan = SELECTIVE_SCAN.choose(self.kernel)
+    scan = SELECTIVE_SCAN.choose(self.kernel, dtype=u.dtype, d_state=N)
     y, h = scan.fn(u, dt, -jnp.exp(self.A_log[...]), B, C,
                    h0=None if cache is None else cache.ssm,
                    reset_BxL=(None if segment_ids is None
@@ -167,7 +167,7 @@ class Mamba(Mixer):
                     jnp.zeros((batch_size, self.d_inner, self.d_state), F32))
 
   def flops_per_token(self, seq_len):
-    form = SELECTIVE_SCAN.choose(self.kernel).name
+    form = SELECTIVE_SCAN.choose(self.kernel, dtype=F32, d_state=self.d_state).name
     return (dense_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
             + self.conv.flops_per_token()
             + s6_flops_per_token(form, self.d_inner, self.d_state))
@@ -225,7 +225,7 @@ class Mamba2(Mixer):
 
   Options: expand, d_state, head_dim (heads = expand * d_model /
   head_dim), n_groups (of B/C and of the output norm), d_conv, kernel
-  ("auto", "chunked", "parallel", "recurrent") and chunk_size of the scan,
+  ("auto", "chunked", "parallel", "recurrent", or a Pallas kernel on TPU/GPU) and chunk_size of the scan,
   use_bias, conv_bias, dt_min/dt_max, norm_eps.
   """
 

@@ -75,7 +75,7 @@ class Performer(FeatureAttention):
   1) values.
 
   Options: num_heads, head_dim, num_features (m, default the paper's 256);
-  kernel ("auto", "chunked", "parallel", "recurrent"); chunk_size.
+  kernel ("auto", "chunked", "parallel", "recurrent", or a Pallas kernel on TPU/GPU); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Choromanski et al. "

@@ -38,7 +38,7 @@ class RetNet(LinearMixer):
   here q, k and v share head_dim.)
 
   Options: num_heads, head_dim; position (a scheme name or {"name": ...,
-  **opts}); kernel ("auto", "chunked", "parallel", "recurrent"); chunk_size.
+  **opts}); kernel ("auto", "chunked", "parallel", "recurrent", or a Pallas kernel on TPU/GPU); chunk_size.
   """
 
   info = MixerInfo(family="linear attention", paper="Sun et al. 2023, "

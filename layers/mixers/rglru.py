@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from layers.blocks.conv import ShortConv
-from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, RECURRENCE_FLOPS
+from layers.kernels.linear_recurrence import (LINEAR_RECURRENCE, RECURRENCE_FLOPS,
+                                              linear_scan)
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, positions_for
 from layers.params import Dense, constant_init, fan_in_init, param
@@ -131,8 +132,7 @@ class RGLRU(Mixer):
     scale = jnp.where(reset, 1.0, sqrt_bounded_grad(1.0 - jnp.exp(2.0 * log_a)))
     b = x_BxLxW.astype(jnp.float32) * gate_i * scale
     a = jnp.where(reset, 0.0, jnp.exp(log_a))
-    impl = LINEAR_RECURRENCE.choose(self.kernel)
-    return impl.fn(a, b, h0_BxW)
+    return linear_scan(a, b, h0_BxW, self.kernel)
 
   def __call__(self, x, *, cache: RGLRUCache | None = None, segment_ids=None):
     self.check_call(x, cache, segment_ids)
@@ -161,6 +161,6 @@ class RGLRU(Mixer):
     matmuls = sum(math.prod(m.kernel.shape) for m in
                   (self.gate_proj, self.in_proj, self.out_proj))
     gates = self.input_gate.w.size + self.a_gate.w.size
-    impl = LINEAR_RECURRENCE.choose(self.kernel)
+    impl = LINEAR_RECURRENCE.choose(self.kernel, dtype=jnp.float32)
     return (2.0 * (matmuls + gates) + self.conv.flops_per_token()
             + RECURRENCE_FLOPS[impl.name] * W)

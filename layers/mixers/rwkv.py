@@ -161,7 +161,7 @@ class RWKV6(RecurrentMixer):
 
   Options: head_dim (K, default the paper's 64), mix_rank / decay_rank
   (LoRA ranks, the paper's 32 / 64); kernel ("auto", "chunked", "parallel",
-  "recurrent") and chunk_size of the shared linear-attention kernel.
+  "recurrent", or a Pallas kernel on TPU/GPU) and chunk_size of the shared linear-attention kernel.
   """
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",

@@ -10,8 +10,8 @@ from flax import nnx
 from layers.blocks.ssm import (GatedOutput, SSMState, as_complex,
                                check_state_dim, complex_param, hippo_legs_nplr,
                                log_dt_param, normal_param)
-from layers.kernels.ssm import (DIAG_SCAN, check_discretization, diag_scan,
-                                discretize_diag)
+from layers.kernels.linear_recurrence import LINEAR_RECURRENCE, linear_scan
+from layers.kernels.ssm import check_discretization, discretize_diag
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo
 from layers.params import param
@@ -41,14 +41,14 @@ class S5(Mixer):
   any input dtype.
 
   Options: state_dim P (even); discretization "zoh" | "bilinear"; dt_min,
-  dt_max; kernel: "auto" or a `layers.kernels.ssm.DIAG_SCAN` impl (the
+  dt_max; kernel: "auto" or a `layers.kernels.linear_recurrence` impl (the
   full form; decode always steps sequentially).
   """
 
   info = MixerInfo(family="ssm", paper="Smith et al. 2023, arXiv:2208.04933",
                    train_cost="linear", decode_state="constant",
                    supports_segments=True)
-  kernel_ops = {"kernel": DIAG_SCAN}
+  kernel_ops = {"kernel": LINEAR_RECURRENCE}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, state_dim: int = 64,
                discretization: str = "zoh", dt_min: float = 1e-3,
@@ -88,12 +88,12 @@ class S5(Mixer):
       a = jnp.broadcast_to(a, bu.shape)
       if segment_ids is not None:
         a = jnp.where(segment_starts(segment_ids)[..., None], 0, a)
-      states = diag_scan(a, bu, jnp.zeros_like(bu[:, 0]), self.kernel)
+      states, last = linear_scan(a, bu, jnp.zeros_like(bu[:, 0]), self.kernel)
     else:
-      states = diag_scan(a, bu, cache.complex(), "sequential")
+      states, last = linear_scan(a, bu, cache.complex(), "sequential")
     y = 2.0 * jnp.einsum("bln,hn->blh", states, C, precision=HIGHEST).real
     y = self.out((y + self.D[...] * u).astype(x.dtype))
-    return y if cache is None else (y, SSMState.of(states[:, -1]))
+    return y if cache is None else (y, SSMState.of(last))
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     # Constant-size fp32 state: neither max_len nor dtype changes it.

@@ -116,6 +116,19 @@ def command(spec: BenchSpec, config_args: Sequence[str] = ()) -> str:
   return " ".join(shlex.quote(p) for p in parts)
 
 
+def spec_command(subcommand: str, spec) -> str:
+  """`mixerlab <subcommand>` with one flag per field of a bench spec
+  (tuples comma-separated, empty ones left out)."""
+  parts = ["mixerlab", subcommand]
+  for f in dataclasses.fields(spec):
+    v = getattr(spec, f.name)
+    if isinstance(v, tuple) and not v:
+      continue
+    parts += [f"--{f.name.replace('_', '-')}",
+              ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+  return " ".join(shlex.quote(p) for p in parts)
+
+
 # -- measuring -----------------------------------------------------------------
 
 def median_time(fn: Callable, *args, repeats: int) -> float:

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import os
-import shlex
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,8 @@ from flax import nnx
 from layers import channel
 from layers.channel.dispatch import DISPATCHES
 from layers.params import count_params
-from train.bench.mixers import _blocking, _inputs, _opt, cpu_name, medians_in_turns
+from train.bench.mixers import (_blocking, _inputs, _opt, cpu_name,
+                                medians_in_turns, spec_command)
 
 TARGET = 1.5  # dropless time at the largest E over the smallest, at most
 
@@ -59,12 +59,7 @@ class MoEBenchSpec:
 
 def command(spec: MoEBenchSpec) -> str:
   """The `mixerlab bench-moe` command line that reproduces `spec`."""
-  parts = ["mixerlab", "bench-moe"]
-  for f in dataclasses.fields(spec):
-    v = getattr(spec, f.name)
-    parts += [f"--{f.name.replace('_', '-')}",
-              ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
-  return " ".join(shlex.quote(p) for p in parts)
+  return spec_command("bench-moe", spec)
 
 
 def _layer(spec: MoEBenchSpec, dispatch: str, num_experts: int):

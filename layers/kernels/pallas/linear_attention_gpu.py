@@ -40,7 +40,7 @@ mode (its race detector finds no race in the three kernels), and lowering
 to the Mosaic GPU custom call (register layouts, wgmma operand layouts and
 TMA shapes are checked there) through `jax.export`. Two things differ
 when interpreting, as jax 0.10.2's interpreter has no rule for them
-(`_Ops`): register layouts are not named (plain loads, no layout casts),
+(`_gpu_common.Ops`): register layouts are not named (plain loads, no layout casts),
 and wgmma operands used transposed are copied transposed in shared memory
 instead of read through a transposed view. Not yet run on a GPU: PTX
 compilation, the hardware's synchronization and the speed are verified
@@ -54,7 +54,6 @@ loads each chunk synchronously; the per-channel band is a 64-step loop of
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -65,6 +64,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from layers.kernels import Impl
+from layers.kernels.pallas._gpu_common import (
+    COL, ROW, WG, Ops as _Ops, cols as _cols, rows as _rows, tiled as _tiled)
 from layers.kernels.pallas._linear_common import (
     F32, SUB_CHUNK, Kernels, check_common, declines_common,
     make_linear_attention)
@@ -76,84 +77,6 @@ HEAD_DIMS = (64, 128)
 SMEM_BUDGET = 200 * 1024
 DECAYS = ("none", "scalar", "channel")
 DTYPES16 = ("bfloat16", "float16")
-WG = plgpu.Layout.WGMMA
-COL = WG.reduce(1)  # a vector along rows: broadcast over columns
-ROW = WG.reduce(0)  # a vector along columns: broadcast over rows
-
-
-def _tiled(shape, dtype):
-  """Shared memory laid out for wgmma operands (8-row tiles, swizzled)."""
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(shape[-1] * bits)
-  return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, swizzle * 8 // bits)),
-      plgpu.SwizzleTransform(swizzle)))
-
-
-def _cols(x, shape):
-  """A COL vector broadcast to `shape` (each row one value)."""
-  return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _rows(x, shape):
-  """A ROW vector broadcast to `shape` (each column one value)."""
-  return lax.broadcast_in_dim(x, shape, [1])
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ops:
-  """Register layouts and wgmma, compiled or interpreted (module docstring).
-  `interpret`: False, or the Mosaic GPU interpret parameters."""
-  interpret: object
-
-  def cast(self, x, layout):
-    return x if self.interpret else plgpu.layout_cast(x, layout)
-
-  def load(self, ref, layout, idx=()):
-    """ref[idx] in `layout`; plain (unswizzled) shared memory may need a
-    transfer with bank conflicts, which `optimized=False` allows."""
-    if self.interpret:
-      return ref[idx]
-    return plgpu.load(ref, idx, layout=layout, optimized=False)
-
-  def iota(self, shape, dim):
-    return self.cast(lax.broadcasted_iota(jnp.int32, shape, dim), WG)
-
-  def mm(self, a, b, *, ta=False, tb=False):
-    """a @ b (a^T, b^T if ta, tb) of shared-memory refs, fp32 [M, N]."""
-    M = a.shape[1] if ta else a.shape[0]
-    N = b.shape[0] if tb else b.shape[1]
-
-    def wgmma(a, b):
-      def run(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
-      return pl.run_scoped(run, plgpu.ACC((M, N), F32))
-
-    if not self.interpret:
-      view = lambda r, t: plgpu.transpose_ref(r, (1, 0)) if t else r
-      return wgmma(view(a, ta), view(b, tb))
-    copies = [_tiled(r.shape[::-1], r.dtype) for r, t in ((a, ta), (b, tb)) if t]
-
-    def with_copies(*tmp):
-      tmp = list(tmp)
-      operands = []
-      for r, t in ((a, ta), (b, tb)):
-        if t:
-          r_t = tmp.pop(0)
-          r_t[...] = r[...].T
-          r = r_t
-        operands.append(r)
-      return wgmma(*operands)
-
-    return pl.run_scoped(with_copies, *copies) if copies else wgmma(a, b)
-
-  def stage(self, ref, value):
-    """Write an operand for the following wgmmas."""
-    ref[...] = value.astype(ref.dtype)
-    plgpu.commit_smem()
-
-
 # -- decay helpers (per chunk; `b` [C] COL for scalar decay, [C, K] WG per
 #    channel; `start` [C] COL) ---------------------------------------------
 
