@@ -51,7 +51,7 @@ class FakeTrainer:
       for step in (1, 2, 3):
         f.write(json.dumps({"step": step, "loss": 5.0 / step, "grad_norm": 1.0,
                             "step_time_s": 0.1, "tokens_per_s": 640.0}) + "\n")
-    acc = cfg.optimizer.lr * 100 + cfg.model.d_model / 1000
+    acc = cfg.optimizer.lr * 100 + cfg.model.d_model / 1000 + cfg.train.seed / 100
     s = {"params": 1000 * cfg.model.d_model, "tokens_per_s": 1e4 / cfg.model.n_layers,
          "step_time_s": 0.01, "val_loss": 2.0 - acc, "mfu": None,
          "peak_memory_bytes": None, "run_dir": cfg.train.run_dir}
@@ -144,6 +144,41 @@ def test_results_table_blank_where_unknown_and_best_lr(tmp_path):
   assert os.path.exists(os.path.join(out, "results_best_lr.md"))
   for f in ("quality_vs_throughput.png", "loss_curves.png"):
     assert os.path.getsize(os.path.join(out, f)) > 10_000
+
+
+def test_seed_axis_gives_mean_and_spread_in_the_caption(tmp_path):
+  sw = sweep.load(sweep_file(tmp_path, """
+base: base.yaml
+grid:
+  task: [text.yaml, mqar.yaml]
+  optimizer.lr: [1.0e-3, 3.0e-3]
+  train.seed: [0, 1, 3]
+"""))
+  out = str(tmp_path / "out")
+  res = sweep.run_sweep(sw, out, run_fn=FakeTrainer(fail=["mqar__lr=0.001__seed=1"]),
+                        log=lambda _: None)
+  # one row per (task, lr): runs that differ in lr are never merged
+  assert sorted((r["task"], r["metric"], r["seeds"]) for r in res["seeds"]) == [
+      ("mqar", "val_accuracy", "0, 1, 3"), ("mqar", "val_accuracy", "0, 3"),
+      ("text", "val_bpb", "0, 1, 3"), ("text", "val_bpb", "0, 1, 3")]
+  r = next(r for r in res["seeds"] if r["seeds"] == "0, 3")   # mqar lr 1e-3: seed 1 failed
+  assert r["runs"] == "mqar__lr=0.001__seed=0, mqar__lr=0.001__seed=3"
+  assert r["mean"] == pytest.approx(0.1 + 0.032 + 0.015)
+  assert r["spread"] == pytest.approx(0.03)
+  assert "Seed noise on mqar: val_accuracy differs by up to 0.030" in res["caption"]
+  assert "Seed noise on text: val_bpb differs by up to 0.030" in res["caption"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert md.startswith(res["caption"]) and "| seed |" in md
+  table = list(csv.DictReader(open(os.path.join(out, "results_over_seeds.csv"))))
+  assert len(table) == 4 and {t["spread (max-min)"] for t in table} == {
+      str(r["spread"]) for r in res["seeds"]}
+
+
+def test_no_seed_table_without_repeated_seeds(tmp_path):
+  sw = sweep.load(sweep_file(tmp_path, "base: base.yaml\ngrid:\n  train.seed: [0]\n"))
+  res = sweep.run_sweep(sw, str(tmp_path / "out"), run_fn=FakeTrainer(), log=lambda _: None)
+  assert res["seeds"] == [] and res["caption"] == ""
+  assert not os.path.exists(tmp_path / "out" / "results_over_seeds.md")
 
 
 def test_pareto_front():
