@@ -70,6 +70,7 @@ def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
        "d_model": cfg.model.d_model, "lr": cfg.optimizer.lr,
        "status": entry.get("status", ""), "error": entry.get("error", ""),
        "run_dir": cfg.train.run_dir, "labels": labels,
+       "seq_len": cfg.data.seq_len,
        "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
        "group": group(cfg, "optimizer.lr"), "seed": cfg.train.seed,
        "seed_group": group(cfg, "train.seed")}
