@@ -1,6 +1,7 @@
 """Sweeps: grid expansion, failures recorded, resume, results table, plots."""
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from layers import mixers
 from train import configs, plots, results, sweep
+from trainer_fixtures import compile_cache  # noqa: F401
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -223,3 +225,21 @@ def test_supervisor_records_crash_and_hang_and_goes_on(tmp_path, monkeypatch):
   tb = open(os.path.join(out, "runs", "b", sweep.TRACEBACK)).read()
   assert "Segmentation fault" in tb and "in run" in tb  # faulthandler's Python stack
   assert not os.path.exists(os.path.join(out, "runs", "a", sweep.TRACEBACK))
+
+
+def test_main_job_loads_and_one_run_trains(tmp_path, compile_cache):
+  """README command 1's sweep: every run's config is valid, MQAR and text
+  both present, the text runs repeat a seed; one run trains 2 steps."""
+  sw = sweep.load(os.path.join(ROOT, "sweeps", "default.yaml"))
+  cfgs = {v.name: sw.config(v) for v in sw.variants}
+  tasks = {c.data.task for c in cfgs.values()}
+  assert tasks == {"mqar", "text"}
+  text = [c for c in cfgs.values() if c.data.task == "text"]
+  assert len({c.train.seed for c in text}) >= 2
+  assert {results.mixer_label(c) for c in cfgs.values() if c.data.task == "mqar"} >= {
+      "attention", "baseconv", "hyena", "s4d"}
+  smoke = ["train.steps=2", "train.batch_size=2", "data.seq_len=16", "train.eval_every=2",
+           "train.eval_batches=1", "train.checkpoint_every=2", "train.log_every=1"]
+  one = dataclasses.replace(sw, variants=sw.variants[:1])
+  [row] = sweep.run_sweep(one, str(tmp_path), overrides=smoke, log=lambda _: None)["rows"]
+  assert row["status"] == "done" and row["val_loss"] is not None
