@@ -174,10 +174,16 @@ def _synthetic(task, **kw):
                     copy_tokens=5, prefetch=0, **kw)
 
 
-def test_mqar_structure():
-  cfg = _synthetic("mqar")
-  b = data.make_eval_batches(cfg, 64, 1)[0]
+@pytest.mark.parametrize("random_fill", [False, True], ids=["zero_fill", "random_fill"])
+def test_mqar_matches_zoologys_definition(random_fill):
+  """Zoology's multiquery_ar: keys from the lower half of the vocabulary and
+  values from the upper, the pairs first, each key queried once at an even
+  offset after them with its value as the target, and every other position
+  0 (random_non_queries=False) or uniform over the vocabulary (True)."""
+  cfg = _synthetic("mqar", mqar_random_non_queries=random_fill)
+  b = data.make_eval_batches(cfg, 256, 1)[0]
   n, V, half = 6, 40, 20
+  fill = []
   for inp, tgt, mask in zip(b["inputs"], b["targets"], b["loss_mask"]):
     keys, values = inp[0:2 * n:2], inp[1:2 * n:2]
     assert ((keys >= 1) & (keys < half)).all() and len(set(keys)) == n
@@ -188,6 +194,17 @@ def test_mqar_structure():
     assert sorted(inp[where]) == sorted(keys)
     assert all(tgt[j] == lookup[inp[j]] for j in where)
     assert (tgt[mask == 0] == 0).all()
+    rest = np.ones(len(inp), bool)
+    rest[:2 * n], rest[where] = False, False
+    fill.append(inp[rest])
+  fill = np.concatenate(fill)
+  if not random_fill:
+    assert (fill == 0).all()
+    return
+  # ~11K tokens over 40 ids: each id's count is within 6 sigma of uniform
+  counts = np.bincount(fill, minlength=V)
+  expected = len(fill) / V
+  assert len(counts) == V and (np.abs(counts - expected) < 6 * np.sqrt(expected)).all()
 
 
 def test_mqar_gaps_follow_the_power_law():

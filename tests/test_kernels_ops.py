@@ -89,7 +89,7 @@ def test_linear_scan_any_trailing_shape():
 
 @pytest.mark.parametrize("name, options, reason", [
     ("attention", {"kernel": "pallas_tpu"}, "runs on tpu, not cpu"),
-    ("gla", {"form": "pallas_gpu"}, "runs on gpu, not cpu"),
+    ("gla", {"kernel": "pallas_gpu"}, "runs on gpu, not cpu"),
     ("mamba", {"kernel": "pallas_gpu"}, "runs on gpu, not cpu"),
     ("rglru", {"kernel": "pallas_tpu"}, "runs on tpu, not cpu"),
 ])

@@ -1,6 +1,7 @@
 """Sweeps: grid expansion, failures recorded, resume, results table, plots."""
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from layers import mixers
 from train import configs, plots, results, sweep
+from trainer_fixtures import compile_cache  # noqa: F401
 
 def sweep_file(tmp_path, text):
   (tmp_path / "base.yaml").write_text(
@@ -48,7 +50,7 @@ class FakeTrainer:
       for step in (1, 2, 3):
         f.write(json.dumps({"step": step, "loss": 5.0 / step, "grad_norm": 1.0,
                             "step_time_s": 0.1, "tokens_per_s": 640.0}) + "\n")
-    acc = cfg.optimizer.lr * 100 + cfg.model.d_model / 1000
+    acc = cfg.optimizer.lr * 100 + cfg.model.d_model / 1000 + cfg.train.seed / 100
     s = {"params": 1000 * cfg.model.d_model, "tokens_per_s": 1e4 / cfg.model.n_layers,
          "step_time_s": 0.01, "val_loss": 2.0 - acc, "mfu": None,
          "peak_memory_bytes": None, "run_dir": cfg.train.run_dir}
@@ -148,6 +150,41 @@ def test_results_table_blank_where_unknown_and_best_lr(tmp_path):
     assert os.path.getsize(os.path.join(out, f)) > 10_000
 
 
+def test_seed_axis_gives_mean_and_spread_in_the_caption(tmp_path):
+  sw = sweep.load(sweep_file(tmp_path, """
+base: base.yaml
+grid:
+  task: [text.yaml, mqar.yaml]
+  optimizer.lr: [1.0e-3, 3.0e-3]
+  train.seed: [0, 1, 3]
+"""))
+  out = str(tmp_path / "out")
+  res = sweep.run_sweep(sw, out, run_fn=FakeTrainer(fail=["mqar__lr=0.001__seed=1"]),
+                        log=lambda _: None)
+  # one row per (task, lr): runs that differ in lr are never merged
+  assert sorted((r["task"], r["metric"], r["seeds"]) for r in res["seeds"]) == [
+      ("mqar", "val_accuracy", "0, 1, 3"), ("mqar", "val_accuracy", "0, 3"),
+      ("text", "val_bpb", "0, 1, 3"), ("text", "val_bpb", "0, 1, 3")]
+  r = next(r for r in res["seeds"] if r["seeds"] == "0, 3")   # mqar lr 1e-3: seed 1 failed
+  assert r["runs"] == "mqar__lr=0.001__seed=0, mqar__lr=0.001__seed=3"
+  assert r["mean"] == pytest.approx(0.1 + 0.032 + 0.015)
+  assert r["spread"] == pytest.approx(0.03)
+  assert "Seed noise on mqar: val_accuracy differs by up to 0.030" in res["caption"]
+  assert "Seed noise on text: val_bpb differs by up to 0.030" in res["caption"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert md.startswith(res["caption"]) and "| seed |" in md
+  table = list(csv.DictReader(open(os.path.join(out, "results_over_seeds.csv"))))
+  assert len(table) == 4 and {t["spread (max-min)"] for t in table} == {
+      str(r["spread"]) for r in res["seeds"]}
+
+
+def test_no_seed_table_without_repeated_seeds(tmp_path):
+  sw = sweep.load(sweep_file(tmp_path, "base: base.yaml\ngrid:\n  train.seed: [0]\n"))
+  res = sweep.run_sweep(sw, str(tmp_path / "out"), run_fn=FakeTrainer(), log=lambda _: None)
+  assert res["seeds"] == [] and res["caption"] == ""
+  assert not os.path.exists(tmp_path / "out" / "results_over_seeds.md")
+
+
 def test_pareto_front():
   xs, ys = [1, 2, 3, 4, 2.5], [0.9, 0.8, 0.5, 0.1, 0.4]
   assert plots.pareto_front(xs, ys, higher_y=True) == [0, 1, 2, 3]
@@ -190,3 +227,21 @@ def test_supervisor_records_crash_and_hang_and_goes_on(tmp_path, monkeypatch):
   tb = open(os.path.join(out, "runs", "b", sweep.TRACEBACK)).read()
   assert "Segmentation fault" in tb and "in run" in tb  # faulthandler's Python stack
   assert not os.path.exists(os.path.join(out, "runs", "a", sweep.TRACEBACK))
+
+
+def test_main_job_loads_and_one_run_trains(tmp_path, compile_cache):
+  """README command 1's sweep: every run's config is valid, MQAR and text
+  both present, the text runs repeat a seed; one run trains 2 steps."""
+  sw = sweep.load(os.path.join(ROOT, "sweeps", "default.yaml"))
+  cfgs = {v.name: sw.config(v) for v in sw.variants}
+  tasks = {c.data.task for c in cfgs.values()}
+  assert tasks == {"mqar", "text"}
+  text = [c for c in cfgs.values() if c.data.task == "text"]
+  assert len({c.train.seed for c in text}) >= 2
+  assert {results.mixer_label(c) for c in cfgs.values() if c.data.task == "mqar"} >= {
+      "attention", "baseconv", "hyena", "s4d"}
+  smoke = ["train.steps=2", "train.batch_size=2", "data.seq_len=16", "train.eval_every=2",
+           "train.eval_batches=1", "train.checkpoint_every=2", "train.log_every=1"]
+  one = dataclasses.replace(sw, variants=sw.variants[:1])
+  [row] = sweep.run_sweep(one, str(tmp_path), overrides=smoke, log=lambda _: None)["rows"]
+  assert row["status"] == "done" and row["val_loss"] is not None

@@ -77,7 +77,9 @@ def cmd_sweep(args) -> int:
   sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
                         retry_failed=args.retry_failed)
-  print("\n" + results.markdown(res["shown"]))
+  print("\n" + results.markdown(res["shown"], caption=res["caption"]))
+  if res["seeds"]:
+    print(results.markdown(res["seeds"], results.SEED_COLUMNS))
   failed = [r["run"] for r in res["rows"] if r["status"] != "done"]
   print("written:\n  " + "\n  ".join(res["files"]))
   if failed:

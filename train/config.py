@@ -37,6 +37,7 @@ class DataConfig:
   # synthetic tasks
   num_kv_pairs: int = 8       # mqar
   mqar_power_a: float = 0.01  # mqar query-gap power law (Zoology's power_a)
+  mqar_random_non_queries: bool = False  # mqar fill: random tokens, not 0 (Zoology's flag)
   copy_tokens: int = 16       # selective_copy: tokens to copy
   vocab_size: int = 256       # synthetic tasks; text is bytes (256)
 

@@ -62,9 +62,12 @@ def quality_vs_throughput(rows: Sequence[dict], path: str) -> str:
     front = pareto_front(xs, ys, higher)
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "r-o", ms=6,
             mfc="none", label="Pareto front")
+    # tokens/s at a short length measure per-call overhead more than the
+    # architecture: the title says which lengths the panel was trained at
+    lengths = ", ".join(str(n) for n in sorted({r["seq_len"] for r in rs}))
     ax.set(xscale="log", xlabel="training tokens/s",
            ylabel=f"{metric} ({'higher' if higher else 'lower'} is better)",
-           title=task)
+           title=f"{task}, sequence length {lengths}")
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -23,6 +23,7 @@ COLUMNS = (
     ("mixer", "mixer", "{}"),
     ("d_model", "d_model", "{}"),
     ("lr", "lr", "{:.0e}"),
+    ("seed", "seed", "{}"),
     ("params", "params", "{:,}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("step time (ms)", "step_time_ms", "{:.1f}"),
@@ -37,6 +38,7 @@ COLUMNS = (
     ("peak mem (MiB)", "peak_memory_mib", "{:.1f}"),
     ("status", "status", "{}"),
 )
+CSV_COLUMNS = COLUMNS + (("error", "error", "{}"),)
 SUMMARY_KEYS = ("params", "tokens_per_s", "val_loss", "val_ppl", "val_bpb",
                 "val_accuracy", "mfu", "aux_loss", "moe/load_max", "moe/dropped")
 
@@ -47,10 +49,12 @@ def mixer_label(cfg: Config) -> str:
   return "+".join(s if isinstance(s, str) else s["name"] for s in pattern)
 
 
-def lr_group(cfg: Config) -> str:
-  """The same for runs that differ only in lr (best-of-lr selection)."""
+def group(cfg: Config, key: str) -> str:
+  """The same for runs whose configs differ only in the dotted `key`
+  (and run_dir): optimizer.lr for best-of-lr, train.seed for seed spread."""
   d = configs.to_dict(cfg)
-  del d["optimizer"]["lr"], d["train"]["run_dir"]
+  section, field = key.split(".")
+  del d[section][field], d["train"]["run_dir"]
   return json.dumps(d, sort_keys=True)
 
 
@@ -66,8 +70,10 @@ def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
        "d_model": cfg.model.d_model, "lr": cfg.optimizer.lr,
        "status": entry.get("status", ""), "error": entry.get("error", ""),
        "run_dir": cfg.train.run_dir, "labels": labels,
+       "seq_len": cfg.data.seq_len,
        "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
-       "group": lr_group(cfg)}
+       "group": group(cfg, "optimizer.lr"), "seed": cfg.train.seed,
+       "seed_group": group(cfg, "train.seed")}
   r.update({k: _known(s.get(k)) for k in SUMMARY_KEYS})
   step, mem = _known(s.get("step_time_s")), _known(s.get("peak_memory_bytes"))
   r["step_time_ms"] = None if step is None else 1e3 * step
@@ -97,39 +103,95 @@ def best_of_lr(rows: Sequence[dict]) -> list[dict]:
   return [r for r in rows if best.get(r["group"]) is r]
 
 
+def over_seeds(rows: Sequence[dict]) -> list[dict]:
+  """One row per setting run with two or more seeds (runs differing only in
+  train.seed, finished, with a quality metric): the run names, task, mixer,
+  metric, seeds, the metric's mean and spread (max - min), and the mean
+  tokens/s."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    if quality(r)[1] is not None:
+      groups.setdefault(r["seed_group"], []).append(r)
+  out = []
+  for rs in groups.values():
+    if len(rs) < 2:
+      continue
+    metric = quality(rs[0])[0]
+    vals = [r[metric] for r in rs]
+    speeds = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s") is not None]
+    out.append({"runs": ", ".join(r["run"] for r in rs), "task": rs[0]["task"],
+                "mixer": rs[0]["mixer"], "metric": metric,
+                "seeds": ", ".join(str(r["seed"]) for r in rs),
+                "mean": sum(vals) / len(vals), "spread": max(vals) - min(vals),
+                "tokens_per_s": sum(speeds) / len(speeds) if speeds else None})
+  return out
+
+
+SEED_COLUMNS = (("task", "task", "{}"), ("mixer", "mixer", "{}"), ("metric", "metric", "{}"),
+                ("seeds", "seeds", "{}"), ("mean", "mean", "{:.3f}"),
+                ("spread (max-min)", "spread", "{:.3f}"),
+                ("tokens/s", "tokens_per_s", "{:,.0f}"), ("runs", "runs", "{}"))
+
+
+def seed_caption(seeded: Sequence[dict]) -> str:
+  """One line per task and metric: the largest spread over seeds, the
+  yardstick for reading differences between the table's rows; "" when no
+  setting was run with several seeds."""
+  worst: dict[tuple[str, str], dict] = {}
+  for r in seeded:
+    k = (r["task"], r["metric"])
+    if k not in worst or r["spread"] > worst[k]["spread"]:
+      worst[k] = r
+  lines = [f"Seed noise on {task}: {metric} differs by up to {r['spread']:.3f} between "
+           f"seeds ({r['mixer']}, seeds {r['seeds']}; {sum(s['task'] == task for s in seeded)} "
+           "setting(s) run with several seeds); a smaller difference between rows "
+           "is not a ranking." for (task, metric), r in sorted(worst.items())]
+  return "\n".join(lines)
+
+
 def _cell(r: dict, key: str, fmt: str) -> str:
   v = r.get(key)
   return "" if v is None else fmt.format(v)
 
 
-def markdown(rows: Sequence[dict]) -> str:
-  head = [c[0] for c in COLUMNS]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  lines += ["| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |"
+def markdown(rows: Sequence[dict], columns=COLUMNS, caption: str = "") -> str:
+  head = [c[0] for c in columns]
+  lines = [caption, ""] if caption else []
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(_cell(r, k, f) for _, k, f in columns) + " |"
             for r in rows]
   return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: Sequence[dict], path: str) -> None:
+def write_csv(rows: Sequence[dict], path: str, columns=CSV_COLUMNS) -> None:
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow([c[0] for c in COLUMNS] + ["error"])
+    w.writerow([c[0] for c in columns])
     for r in rows:
-      w.writerow(["" if r.get(k) is None else r[k] for _, k, _ in COLUMNS]
-                 + [r.get("error", "")])
+      w.writerow(["" if r.get(k) is None else r[k] for _, k, _ in columns])
 
 
 def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
-  """Write results.{csv,md} (and results_best_lr.* when asked) under `out`;
-  return {"rows", "shown", "files"}. `shown` are the rows the plots
-  (train.plots, which reads this module) use: the best-lr rows when
-  best_lr, else all."""
+  """Write results.{csv,md} (and results_best_lr.* when asked,
+  results_over_seeds.* when a setting ran with several seeds) under `out`;
+  return {"rows", "shown", "seeds", "caption", "files"}. `shown` are the
+  rows the plots (train.plots, which reads this module) use: the best-lr
+  rows when best_lr, else all; `caption` is `seed_caption`, written above
+  each results table."""
+  seeded = over_seeds(rows)
+  caption = seed_caption(seeded)
   files = []
-  tables = [("results", rows)] + ([("results_best_lr", best_of_lr(rows))] if best_lr else [])
-  for stem, rs in tables:
-    write_csv(rs, os.path.join(out, stem + ".csv"))
+  tables = [("results", rows, COLUMNS)]
+  if best_lr:
+    tables.append(("results_best_lr", best_of_lr(rows), COLUMNS))
+  if seeded:
+    tables.append(("results_over_seeds", seeded, SEED_COLUMNS))
+  for stem, rs, columns in tables:
+    write_csv(rs, os.path.join(out, stem + ".csv"),
+              CSV_COLUMNS if columns is COLUMNS else columns)
     with open(os.path.join(out, stem + ".md"), "w") as f:
-      f.write(markdown(rs))
+      f.write(markdown(rs, columns, caption))
     files += [os.path.join(out, stem + ".csv"), os.path.join(out, stem + ".md")]
-  shown = tables[-1][1]
-  return {"rows": list(rows), "shown": list(shown), "files": files}
+  shown = best_of_lr(rows) if best_lr else rows
+  return {"rows": list(rows), "shown": list(shown), "seeds": seeded,
+          "caption": caption, "files": files}

@@ -125,14 +125,26 @@ def check_mqar(cfg) -> None:
 
 
 def generate_mqar(cfg, rng: Rng) -> dict[str, np.ndarray]:
-  """Multi-query associative recall as Zoology's `multiquery_ar`.
+  """Multi-query associative recall as Zoology's `multiquery_ar`
+  (HazyResearch/zoology, zoology/data/associative_recall.py, `_mqar`).
 
   Keys come from 1..V//2-1 and values from V//2..V-1, distinct within an
   example; the 2n-token prefix is k1 v1 k2 v2 ...; then each key is queried
-  once at position 2n + 2*gap, the gaps drawn without replacement from a
-  power law p(g) ~ (g+1)^(a-1) (a = mqar_power_a; a = 1 is uniform). The
-  target at a query position is its value; every other position holds a
-  uniformly random token (Zoology's random_non_queries=True).
+  once at position 2n + 2*gap, the gaps drawn without replacement from
+  p(gap) ~ (gap+1)^(a-1), gap in 0..(L-2n)//2-1 (a = mqar_power_a, Zoology's
+  power_a = 0.01; a = 1 is uniform). The target at a query position is its
+  value (the value itself never follows the query). Every other position
+  holds 0 (Zoology's random_non_queries=False, as in its Figure 2 configs),
+  or with mqar_random_non_queries a token uniform over 0..V-1, keys and
+  values included (random_non_queries=True, Zoology's function default).
+
+  Where we differ from Zoology: each example is a pure function of its
+  index (an endless stream, not a fixed 100K-example training set read for
+  many epochs; validation is a fixed stream of data.seed, not a 3K test
+  set); the gaps are drawn by Gumbel-top-k, the same distribution as its
+  np.random.choice(replace=False, p=p); answers are marked by loss_mask, not
+  by -100 labels; and we require L >= 4n and V >= 2n+2 where it asserts an
+  even L, L >= 4n and V > L.
   """
   B, L, n, V = rng.size, cfg.seq_len, cfg.num_kv_pairs, cfg.vocab_size
   half = V // 2
@@ -143,11 +155,12 @@ def generate_mqar(cfg, rng: Rng) -> dict[str, np.ndarray]:
   query_pos_BxN = 2 * n + 2 * rng.weighted_subset(2, logp_S, n)
 
   out = _empty(B, L)
-  inputs_BxL = rng.integers(3, L, 0, V)
+  inputs_BxL = out["inputs"]
+  if cfg.mqar_random_non_queries:
+    inputs_BxL[:] = rng.integers(3, L, 0, V)
   inputs_BxL[:, 0:2 * n:2] = keys_BxN
   inputs_BxL[:, 1:2 * n:2] = values_BxN
   np.put_along_axis(inputs_BxL, query_pos_BxN, keys_BxN, axis=1)
-  out["inputs"][:] = inputs_BxL
   np.put_along_axis(out["targets"], query_pos_BxN, values_BxN, axis=1)
   np.put_along_axis(out["loss_mask"], query_pos_BxN, 1.0, axis=1)
   return out
