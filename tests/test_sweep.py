@@ -12,6 +12,9 @@ from layers import mixers
 from train import configs, plots, results, sweep
 from trainer_fixtures import compile_cache  # noqa: F401
 
+ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
 def sweep_file(tmp_path, text):
   (tmp_path / "base.yaml").write_text(
       "model: {d_model: 32, n_layers: 1}\ntrain: {steps: 3}\n")
