@@ -123,16 +123,14 @@ class BlockSparseMixer(Mixer):
     self.check_call(x, cache, segment_ids)
     if cache is not None:
       self.check_cache(x, cache)
-    if isinstance(x, jax.core.Tracer):  # already traced: no nested nnx.jit,
-      return self.forward(x, cache, segment_ids)  # whose state write-back
-    return _forward(self, x, cache, segment_ids)  # fails across trace levels
+    return self.forward(x, cache, segment_ids)
 
   def check_cache(self, x, cache) -> None:
     """Checks on the concrete cache position, made before tracing. None
     here: a bounded cache takes any number of tokens."""
 
   def forward(self, x, cache, segment_ids):
-    """The mixer call after argument checks, traced by `_forward`."""
+    """The mixer call after argument checks."""
     raise NotImplementedError
 
   def attend(self, q, k, v, **pattern):
@@ -143,15 +141,6 @@ class BlockSparseMixer(Mixer):
 
   def _distance_bias(self, qm, km):
     return self.position.distance_bias(qm.get("bias_pos", qm["pos"]) - km["pos"])
-
-
-@nnx.jit
-def _forward(mixer, x, cache, segment_ids):
-  """Sparse mixers run jitted even when called eagerly: their many small
-  index and gather ops would otherwise each be compiled on first use, which
-  takes tens of seconds on CPU. Under an outer trace the mixer calls
-  `forward` directly instead."""
-  return mixer.forward(x, cache, segment_ids)
 
 
 class SparseAttention(BlockSparseMixer):
