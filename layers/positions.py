@@ -45,6 +45,15 @@ class Position:
     self.head_dim = head_dim
     self.num_heads = num_heads
 
+  # A scheme is a static attribute of its mixer, part of the graph that
+  # nnx.jit hashes: equal by value (type and options), so equal mixers
+  # share one compiled program instead of one per instance.
+  def __eq__(self, other) -> bool:
+    return type(self) is type(other) and vars(self) == vars(other)
+
+  def __hash__(self) -> int:
+    return hash((type(self), tuple(sorted(vars(self).items()))))
+
   def queries(self, q: jax.Array, pos: jax.Array) -> jax.Array:
     return q
 

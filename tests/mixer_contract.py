@@ -35,8 +35,9 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+# Mixers never jit themselves: callers (the trainer, these checks) do.
 @nnx.jit
-def _step(mixer, x, cache):
+def step(mixer, x, cache):
   return mixer(x, cache=cache)
 
 
@@ -50,7 +51,7 @@ def run_pieces(mixer: Mixer, x: jax.Array, cuts: list[int], max_len: int):
   cache = mixer.init_cache(x.shape[0], max_len, x.dtype)
   outs, start = [], 0
   for n in cuts:
-    y, cache = _step(mixer, x[:, start:start + n], cache)
+    y, cache = step(mixer, x[:, start:start + n], cache)
     assert y.shape == (x.shape[0], n, x.shape[2]), (
         f"piece output shape {y.shape} != {(x.shape[0], n, x.shape[2])}")
     outs.append(y)
@@ -149,24 +150,90 @@ def check_packed(make: Make, split=6):
     assert err <= RTOL, f"packed != separate (row {b}): rel err {err:.3g}"
 
 
+def param_grads(mixer: Mixer, x: jax.Array, w: jax.Array):
+  """Gradients of sum(mixer(x) * w) w.r.t. the parameters only, by jax.grad
+  over the split-out nnx.Params (other state, such as a pattern's Fixed
+  randomness, held as it is). x is closed over: a concrete array inside the
+  trace, as in a notebook probing one layer. A module that jits itself when
+  its input is concrete fails here (its inner jit writes state back across
+  trace levels)."""
+  graph, params, rest = nnx.split(mixer, nnx.Param, ...)
+  loss = lambda p: jnp.sum(nnx.merge(graph, p, rest)(x) * w)
+  return jax.jit(jax.grad(loss))(params)
+
+
 def check_gradients(make: Make):
-  m = make(0)
-  x = inputs(5)
-  w = inputs(6)
-
-  @nnx.jit
-  @nnx.grad
-  def grads_of(mod):
-    return jnp.sum(mod(x) * w)
-
-  grads = grads_of(m)
-  flat = jax.tree_util.tree_flatten_with_path(nnx.state(grads, nnx.Param))[0]
+  grads = param_grads(make(0), inputs(5), inputs(6))
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   assert flat, "mixer has no parameters"
   for path, g in flat:
     name = jax.tree_util.keystr(path)
     g = np.asarray(g)
     assert np.isfinite(g).all(), f"non-finite gradient for {name}"
     assert np.abs(g).max() > 0, f"zero gradient for parameter {name}"
+
+
+def check_jit(make: Make):
+  """nnx.jit gives the eager call's output: the mixer neither jits itself
+  nor behaves differently when traced."""
+  m = make(0)
+  x = inputs(1)
+  err = rel_err(full(m, x), m(x))
+  assert err <= RTOL, f"nnx.jit != eager call: rel err {err:.3g}"
+
+
+def check_vmap(make: Make):
+  """jax.vmap over a leading axis of inputs [N, B, L, D] gives the N
+  unbatched calls."""
+  m = make(0)
+  xs = jnp.stack([inputs(1), inputs(5)])
+  graph, state = nnx.split(m)
+  apply = lambda s, x: nnx.merge(graph, s)(x)
+  ys = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(state, xs)
+  for i, x in enumerate(xs):
+    err = rel_err(ys[i], full(m, x))
+    assert err <= RTOL, f"vmap row {i} != unbatched call: rel err {err:.3g}"
+
+
+def check_remat(make: Make):
+  """nnx.remat around the call leaves the loss and the parameter gradients
+  unchanged (one program computes both, to compile once)."""
+  m = make(0)
+  x, w = inputs(5), inputs(6)
+  remat = nnx.remat(lambda mod, x: mod(x))
+  plain = nnx.value_and_grad(lambda mod: jnp.sum(mod(x) * w))
+  rematted = nnx.value_and_grad(lambda mod: jnp.sum(remat(mod, x) * w))
+  (v0, g0), (v1, g1) = nnx.jit(lambda mod: (plain(mod), rematted(mod)))(m)
+  err = rel_err(v1, v0)
+  assert err <= RTOL, f"loss under nnx.remat differs: rel err {err:.3g}"
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g0)[0],
+                          jax.tree.leaves(g1), strict=True):
+    err = rel_err(b, a)
+    assert err <= RTOL, (f"gradient of {jax.tree_util.keystr(path)} under "
+                         f"nnx.remat differs: rel err {err:.3g}")
+
+
+def check_scan(make: Make, depth: int = 2):
+  """A stack of `depth` layers (seeds 0..depth-1) run by jax.lax.scan over
+  their stacked state equals the Python loop over the layers. Layers built
+  with the same options must share one static graph (nnx.split's graphdef)
+  to be stacked at all, so a static attribute compared by identity fails."""
+  layers = [make(seed) for seed in range(depth)]
+  graphs, states = zip(*(nnx.split(m) for m in layers))
+  graph = graphs[0]
+  assert all(g == graph for g in graphs), (
+      "layers built with equal options have different static graphs (an "
+      "attribute compared by identity, or set from the seed?): they cannot "
+      "be stacked for nnx.scan / jax.lax.scan")
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  body = lambda h, s: (nnx.merge(graph, s)(h), None)
+  x = inputs(7)
+  scanned, _ = jax.jit(lambda s, x: jax.lax.scan(body, x, s))(stacked, x)
+  looped = x
+  for m in layers:  # `full` is compiled once for the shared graph
+    looped = full(m, looped)
+  err = rel_err(scanned, looped)
+  assert err <= RTOL, f"scan over {depth} layers != python loop: rel err {err:.3g}"
 
 
 def check_traced_init(make: Make):
@@ -221,6 +288,10 @@ CHECKS = {
     "overflow": check_overflow,
     "packed": check_packed,
     "gradients": check_gradients,
+    "jit": check_jit,
+    "vmap": check_vmap,
+    "remat": check_remat,
+    "scan": check_scan,
     "deterministic": check_deterministic,
     "traced_init": check_traced_init,
     "metadata": check_metadata,

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.errors import TraceContextError
 
 import mixer_contract as mc
 from layers.blocks.attention import KVCache
+from layers.blocks.sparse import Fixed
 from layers.mixers.attention import Attention
 
 
@@ -81,6 +83,61 @@ class NumpyInit(Attention):
     self.extra = nnx.Param(jnp.asarray(draw), logical_axes=(None,))
 
 
+class SelfJitting(Attention):
+  """Jits its own forward when the input is concrete (what the block-sparse
+  mixers once did to run fast eagerly), holding non-parameter state."""
+
+  def __init__(self, d_model, *, rngs):
+    super().__init__(d_model, rngs=rngs)
+    self.shift = Fixed(jnp.zeros((d_model,)))
+
+  def __call__(self, x, *, cache=None, segment_ids=None):
+    if cache is None and not isinstance(x, jax.core.Tracer):
+      return _self_jitted(self, x, segment_ids)
+    return super().__call__(x + self.shift[...], cache=cache, segment_ids=segment_ids)
+
+
+@nnx.jit
+def _self_jitted(mixer, x, segment_ids):
+  return mixer(x, segment_ids=segment_ids)
+
+
+def _on_host(x):
+  return np.asarray(x)
+
+
+class HostCallback(Attention):
+  """Routes its input through a host callback that has no batching rule."""
+
+  def __call__(self, x, *, cache=None, segment_ids=None):
+    x = jax.pure_callback(_on_host, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    return super().__call__(x, cache=cache, segment_ids=segment_ids)
+
+
+class ConcreteShortcut(Attention):
+  """Takes a different (bf16-rounded) path when its input is concrete, so
+  eager differs from jit, and a closed-over input from a rematted one."""
+
+  def __call__(self, x, *, cache=None, segment_ids=None):
+    y = super().__call__(x, cache=cache, segment_ids=segment_ids)
+    if cache is None and not isinstance(x, jax.core.Tracer):
+      return y.astype(jnp.bfloat16).astype(y.dtype)
+    return y
+
+
+class Options:
+  """An options holder without value equality: compared by identity."""
+
+
+class IdentityStatic(Attention):
+  """Keeps a static attribute compared by identity, so two layers built
+  alike have different graphdefs and cannot be stacked."""
+
+  def __init__(self, d_model, *, rngs):
+    super().__init__(d_model, rngs=rngs)
+    self.options = Options()
+
+
 CASES = [
     (LeaksFuture, "causal"),
     (DriftingCache, "incremental"),
@@ -90,13 +147,23 @@ CASES = [
     (WrongDtype, "bf16"),
     (NoOverflowCheck, "overflow"),
     (NumpyInit, "traced_init"),
+    (SelfJitting, "gradients"),
+    (HostCallback, "vmap"),
+    (ConcreteShortcut, "jit"),
+    (ConcreteShortcut, "remat"),
+    (IdentityStatic, "scan"),
 ]
+# What a transform raises when a mixer breaks under it (besides a failed
+# assertion): the self-jitting mixer's state write-back, and vmap of a
+# callback without a batching rule.
+FAILURES = (AssertionError, jax.errors.TracerArrayConversionError,
+            TraceContextError, NotImplementedError)
 
 
-@pytest.mark.parametrize("cls,check", CASES, ids=[c[0].__name__ for c in CASES])
+@pytest.mark.parametrize("cls,check", CASES, ids=[f"{c.__name__}-{k}" for c, k in CASES])
 def test_check_catches_planted_bug(cls, check):
   make = lambda seed: cls(mc.D_MODEL, rngs=nnx.Rngs(seed))
-  with pytest.raises((AssertionError, jax.errors.TracerArrayConversionError)):
+  with pytest.raises(FAILURES):
     mc.CHECKS[check](make)
 
 

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import dataclasses  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from arches.convert import model_from_params  # noqa: E402
 from arches.hf_llama import from_hf  # noqa: E402
@@ -42,6 +43,11 @@ def mistral():
   return hf, tokens, logits
 
 
+# Models never jit themselves; one jitted forward and one step per shape.
+forward = nnx.jit(lambda model, tokens: model(tokens))
+step = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache))
+
+
 def ours(hf, **options):
   # HF masks keys with kv_idx <= q_idx - sliding_window: `window` keys
   # including the query, which is our `window`. The importer reads it from
@@ -57,7 +63,7 @@ def ours(hf, **options):
 @pytest.mark.parametrize("block_size", [None, 3])
 def test_logits_match_mistral(mistral, block_size):
   hf, tokens, want = mistral
-  got = ours(hf, block_size=block_size)(jnp.asarray(tokens))
+  got = forward(ours(hf, block_size=block_size), jnp.asarray(tokens))
   assert rel_err(got, want) <= 1e-4
 
 
@@ -66,10 +72,10 @@ def test_cached_decoding_matches_mistral(mistral):
   hf, tokens, want = mistral
   model = ours(hf)
   cache = model.init_cache(2, LENGTH)
-  got, cache = model(jnp.asarray(tokens[:, :9]), cache=cache)
+  got, cache = step(model, jnp.asarray(tokens[:, :9]), cache)
   steps = [got]
   for t in range(9, LENGTH):
-    logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), cache=cache)
+    logits, cache = step(model, jnp.asarray(tokens[:, t:t + 1]), cache)
     steps.append(logits)
   assert rel_err(np.concatenate(steps, axis=1), want) <= 1e-4
 
@@ -78,4 +84,4 @@ def test_cached_decoding_matches_mistral(mistral):
 def test_window_off_by_one_is_caught(mistral, window):
   """The comparison can fail: a window one key narrower or wider differs."""
   hf, tokens, want = mistral
-  assert rel_err(ours(hf, window=window)(jnp.asarray(tokens)), want) > 1e-3
+  assert rel_err(forward(ours(hf, window=window), jnp.asarray(tokens)), want) > 1e-3

@@ -24,7 +24,7 @@ from arches.hf_llama import rope_spec  # noqa: E402
 from arches.convert import load  # noqa: E402
 from arches.hf_recurrentgemma import config_from_hf, mixer_specs  # noqa: E402
 from layers import mixers  # noqa: E402
-from mixer_contract import rel_err  # noqa: E402
+from mixer_contract import full, rel_err  # noqa: E402
 
 VOCAB, L, WINDOW, PROMPT = 64, 12, 5, 7
 PATTERN = ["recurrent", "recurrent", "attention"]
@@ -113,14 +113,14 @@ def test_attention_layer_matches_and_can_fail(models, hf_run):
   hf, ours = models
   _, x, y_hf = hf_run
   good = ours.blocks[2].mixer
-  assert rel_err(good(x), y_hf) <= 1e-4
+  assert rel_err(full(good, x), y_hf) <= 1e-4
   spec = dict(mixer_specs(hf.config)["attention"])
   del spec["name"]
   rope = spec["position"]
   for wrong in ({"window": WINDOW + 1}, {"position": {**rope, "fraction": 1.0}}):
     bad = mixers.build("sliding_window", 32, rngs=nnx.Rngs(0), **{**spec, **wrong})
     nnx.update(bad, nnx.state(good, nnx.Param))
-    assert rel_err(bad(x), y_hf) > 1e-2, wrong
+    assert rel_err(full(bad, x), y_hf) > 1e-2, wrong
 
 
 def test_refuses_unknown_block_types():

@@ -281,7 +281,7 @@ def test_lsh():
                   np.asarray(m.rotations[...], np.float64))
   bucket = np.concatenate([rot, -rot], -1).argmax(-1)  # [B, L, R, H]
   np.testing.assert_array_equal(
-      bucket.reshape(2, LENGTH, -1), m.buckets(x32))
+      bucket.reshape(2, LENGTH, -1), nnx.jit(lambda m, a: m.buckets(a))(m, x32))
   unit = x32 / jnp.linalg.norm(x32, axis=-1, keepdims=True)
   v = m.v(x)
   t, s = grid()
