@@ -10,12 +10,12 @@ import pytest
 from arches.lm import LMConfig
 from train import data, soak
 from train.config import Config, DataConfig, OptimizerConfig, TrainConfig
-from train.eval import evaluate_batches, put_batches
-from train.sharding import shard_batch
-from train.state import build
-from train.step import make_eval_step, make_train_step
+from train.trainer.eval import evaluate_batches, put_batches
+from train.trainer.sharding import shard_batch
+from train.trainer.state import build
+from train.trainer.step import make_eval_step, make_train_step
 
-STEPS, BATCH, SEQ = 100, 4, 64
+STEPS, BATCH, SEQ = 50, 4, 64
 # rwkv6's default head_dim (64) does not divide d_model 32.
 SPECS = {"gla": "gla", "rwkv6": {"name": "rwkv6", "head_dim": 16},
          "mamba2": "mamba2", "retnet": "retnet"}
