@@ -504,3 +504,7 @@ def test_bench_moe_runs_at_smoke_size_and_reports_the_target(tmp_path, capsys):
   assert "mixerlab bench-moe --experts 2,4" in md and f"at most {bench_moe.TARGET}x" in md
   with pytest.raises(ValueError, match="must each be >= top_k=2"):
     bench_moe.MoEBenchSpec(experts=(1, 4))
+  capsys.readouterr()
+  assert main(["bench-moe", "--dispatches", "dropless,sorted"]) == 2
+  assert ("bench-moe: dispatches ['sorted'] unknown; choose from"
+          in capsys.readouterr().err)

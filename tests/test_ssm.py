@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import mixer_contract as mc
 from layers import mixers
 from layers.kernels.fftconv import causal_conv, conv_rows
 from layers.kernels.linear_recurrence import linear_scan
@@ -456,6 +457,15 @@ def test_hyena_matches_naive(order):
     z = naive_conv(z, h[:, n]) + bias[n] * z
   ref = m.out_proj(jnp.asarray(z * u[:, :, 0], jnp.float32))
   assert rel(m(x), ref) < 1e-5
+
+
+def test_hyena_decode_matches_full_at_order_3():
+  """The contract suite decodes the default order 2 (one long convolution);
+  order 3 stacks two in one input history, each level in its own slot."""
+  m = mixers.build("hyena", D, rngs=nnx.Rngs(0), order=3, filter_scale=8)
+  x = mc.inputs(13)
+  y, _ = mc.run_pieces(m, x, [5, 1, L - 6], L)
+  assert rel(y, mc.full(m, x)) < 1e-5
 
 
 def test_hyena_filter_is_defined_for_any_length():

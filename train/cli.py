@@ -105,11 +105,16 @@ def _bench_flags(p: argparse.ArgumentParser, spec_class):
                    help=f.metadata["help"] + (f" (default: {shown})" if shown != "" else ""))
 
 
+def _spec_fields(args, spec_class) -> dict:
+  """A bench spec's fields from the flags `_bench_flags` made of them."""
+  return {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_class)}
+
+
 def cmd_bench(args) -> int:
   from arches.lm import normalize_spec
   from layers import mixers
   from train.bench import mixers as bench
-  fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(bench.BenchSpec)}
+  fields = _spec_fields(args, bench.BenchSpec)
   config_args = [a for c in args.config for a in ("--config", c)] + args.overrides
   if args.config or args.overrides:  # bench the config's mixers at its width
     cfg = _load(args)
@@ -130,30 +135,28 @@ def cmd_bench(args) -> int:
   return 0
 
 
-def cmd_bench_moe(args) -> int:
-  from train.bench import moe as bench_moe
-  spec = bench_moe.MoEBenchSpec(**{f.name: getattr(args, f.name)
-                                   for f in dataclasses.fields(bench_moe.MoEBenchSpec)})
-  cmd = bench_moe.command(spec)
+def _run_bench(args, name: str, bench, spec_class) -> int:
+  """`mixerlab <name>`: the spec from the flags (its checks are theirs), the
+  command that reproduces it, the run and its markdown report."""
+  try:
+    spec = spec_class(**_spec_fields(args, spec_class))
+  except ValueError as e:
+    raise configs.ConfigError(f"{name}: {e}") from None
+  cmd = bench.command(spec)
   print(cmd)
-  bench_moe.run(spec, cmd)
-  print(open(os.path.join(spec.out, "bench_moe.md")).read())
+  bench.run(spec, cmd)
+  print(open(os.path.join(spec.out, name.replace("-", "_") + ".md")).read())
   return 0
+
+
+def cmd_bench_moe(args) -> int:
+  from train.bench import moe
+  return _run_bench(args, "bench-moe", moe, moe.MoEBenchSpec)
 
 
 def cmd_bench_kernels(args) -> int:
-  from train.bench import kernels as bench_kernels
-  try:
-    spec = bench_kernels.KernelBenchSpec(**{
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(bench_kernels.KernelBenchSpec)})
-  except ValueError as e:
-    raise configs.ConfigError(f"bench-kernels: {e}") from None
-  cmd = bench_kernels.command(spec)
-  print(cmd)
-  bench_kernels.run(spec, cmd)
-  print(open(os.path.join(spec.out, "bench_kernels.md")).read())
-  return 0
+  from train.bench import kernels
+  return _run_bench(args, "bench-kernels", kernels, kernels.KernelBenchSpec)
 
 
 def cmd_mixers(args) -> int:

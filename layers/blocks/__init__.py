@@ -1,6 +1,7 @@
 """Building blocks that sequence mixers share, one home each.
 
-  conv       ShortConv: depthwise causal short convolution with decode state
+  conv       ShortConv: depthwise causal short convolution with decode state;
+             ConvHistory: the input history that decodes long convolutions
   shift      token_shift / lerp / shift_ramp: RWKV's token shift
   attention  AttentionOptions, resolve_heads, build_position, QKVProjection,
              KVCache and its append: the softmax-attention family's plumbing

@@ -1,13 +1,15 @@
 """The causal short convolution that Mamba, Mamba-2, Griffin, H3, Hyena
-and BaseConv put in front of their mixing."""
+and BaseConv put in front of their mixing, and the input history that
+decodes their long convolutions."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from layers.kernels.conv1d import causal_conv1d
+from layers.kernels.fftconv import conv_rows
 from layers.params import Init, constant_init, fan_in_init, param
 
 # Jitted so an eager call compiles one program rather than a slice per tap.
@@ -63,3 +65,42 @@ class ShortConv(nnx.Module):
 
   def flops_per_token(self) -> float:
     return 2.0 * self.weight.size
+
+
+@struct.dataclass
+class ConvHistory:
+  """Every input so far of causal long convolutions whose filters reach
+  back to the first token (Hyena, BaseConv's long layers), so decoding is
+  exact: inputs [B, max_len, *C] fp32, where C may stack several
+  convolutions (Hyena's [levels, d]); pos: int32 scalar, tokens seen.
+  Each new token costs O(max_len) per channel (`conv_rows`).
+  """
+  inputs: jax.Array
+  pos: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.inputs.shape[1]
+
+  @classmethod
+  def zeros(cls, batch_size: int, max_len: int,
+            channels: tuple[int, ...]) -> "ConvHistory":
+    return cls(jnp.zeros((batch_size, max_len) + channels, jnp.float32),
+               jnp.zeros((), jnp.int32))
+
+  def convolve(self, u_BxLxC: jax.Array, k: jax.Array, *index: int):
+    """Writes u's L new inputs at pos (into the stacked convolution at
+    `index` of C's leading axes, when given) and returns the causal
+    convolution of all inputs so far with k [>=max_len, *C'] at those L
+    positions, fp32, and the history holding them. pos stays: `advance`
+    once every stacked convolution has its inputs."""
+    u = u_BxLxC.reshape(u_BxLxC.shape[:2] + (1,) * len(index)
+                        + u_BxLxC.shape[2:])
+    start = (0, self.pos) + index + (0,) * (u_BxLxC.ndim - 2)
+    inputs = jax.lax.dynamic_update_slice(self.inputs, u, start)
+    rows = self.pos + jnp.arange(u.shape[1])
+    y = conv_rows(inputs[(slice(None), slice(None)) + index], k, rows)
+    return y, self.replace(inputs=inputs)
+
+  def advance(self, length: int) -> "ConvHistory":
+    return self.replace(pos=self.pos + length)

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.blocks.conv import ShortConv
-from layers.kernels.fftconv import (CAUSAL_CONV, causal_conv, conv_rows,
-                                    fft_conv_flops)
+from layers.blocks.conv import ConvHistory, ShortConv
+from layers.kernels.fftconv import CAUSAL_CONV, causal_conv, fft_conv_flops
 from layers.mixers import register
 from layers.mixers.base import Mixer, MixerInfo, check_room, poison_overflow
 from layers.params import Dense, fan_in_init
@@ -172,18 +171,6 @@ class ImplicitLongFilter(nnx.Module):
     return 2.0 * (self.hidden.kernel.size + self.out.kernel.size)
 
 
-@struct.dataclass
-class LongConvCache:
-  """history: every convolution input so far [B, max_len, d] (fp32), since
-  the long filter reaches back to the first token; pos: int32 tokens seen."""
-  history: jax.Array
-  pos: jax.Array
-
-  @property
-  def max_len(self) -> int:
-    return self.history.shape[1]
-
-
 @register("baseconv_long")
 class BaseConvLong(Mixer):
   """BaseConv with Zoology's implicit long filter (Arora et al. 2023,
@@ -238,17 +225,14 @@ class BaseConvLong(Mixer):
       c = causal_conv(u, self.filter(L), self.kernel) + u
       return zoology_gate(x, c, self.proj(x), self.use_act)
     check_room(cache.pos, L, cache.max_len, "baseconv_long")
-    history = jax.lax.dynamic_update_slice(cache.history, u, (0, cache.pos, 0))
-    rows = cache.pos + jnp.arange(L)
-    c = conv_rows(history, self.filter(cache.max_len), rows) + u
-    y = zoology_gate(x, c, self.proj(x), self.use_act)
+    c, history = cache.convolve(u, self.filter(cache.max_len))
+    y = zoology_gate(x, c + u, self.proj(x), self.use_act)
     y = poison_overflow(y, cache.pos, L, cache.max_len)
-    return y, LongConvCache(history, cache.pos + L)
+    return y, history.advance(L)
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     d = self.proj.kernel.shape[0]
-    return LongConvCache(jnp.zeros((batch_size, max_len, d), jnp.float32),
-                         jnp.zeros((), jnp.int32))
+    return ConvHistory.zeros(batch_size, max_len, (d,))
 
   def flops_per_token(self, seq_len):
     d = self.proj.kernel.shape[0]

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from layers.blocks.conv import ShortConv
+from layers.blocks.conv import ConvHistory, ShortConv
 from layers.blocks.ssm import normal_param
-from layers.kernels.fftconv import (CAUSAL_CONV, causal_conv, conv_rows,
-                                    fft_conv_flops)
+from layers.kernels.fftconv import CAUSAL_CONV, causal_conv, fft_conv_flops
 from layers.mixers import register
 from layers.mixers.base import (Mixer, MixerInfo, check_room, poison_overflow)
 from layers.params import Dense, constant_init, fan_in_init, param
@@ -69,14 +68,9 @@ class ImplicitFilter(nnx.Module):
 class HyenaCache:
   """conv: the last short_len - 1 projected inputs [B, short_len-1,
   order+1, d] (activation dtype); history: every input so far of each long
-  convolution [B, max_len, order-1, d] (fp32); pos: int32 tokens seen."""
+  convolution, stacked [order-1, d], and the tokens seen (`ConvHistory`)."""
   conv: jax.Array
-  history: jax.Array
-  pos: jax.Array
-
-  @property
-  def max_len(self) -> int:
-    return self.history.shape[1]
+  history: ConvHistory
 
 
 @register("hyena")
@@ -154,28 +148,26 @@ class Hyena(Mixer):
       z = self._levels(u, lambda n, z: causal_conv(z, h[:, n], self.kernel))
       return self.out_proj(z.astype(x.dtype))
 
-    check_room(cache.pos, L, cache.max_len, "hyena")
-    u, conv_state = self.short(self.in_proj(x), cache.conv)
-    h = self.filter(cache.max_len)
-    rows = cache.pos + jnp.arange(L)
     history = cache.history
+    pos, max_len = history.pos, history.max_len
+    check_room(pos, L, max_len, "hyena")
+    u, conv_state = self.short(self.in_proj(x), cache.conv)
+    h = self.filter(max_len)
 
     def long_conv(n, z):
       nonlocal history
-      history = jax.lax.dynamic_update_slice(
-          history, z[:, :, None], (0, cache.pos, n, 0))
-      return conv_rows(history[:, :, n], h[:, n], rows)
+      y, history = history.convolve(z, h[:, n], n)
+      return y
 
     z = self._levels(u, long_conv)
-    y = poison_overflow(self.out_proj(z.astype(x.dtype)), cache.pos, L,
-                        cache.max_len)
-    return y, HyenaCache(conv_state, history, cache.pos + L)
+    y = poison_overflow(self.out_proj(z.astype(x.dtype)), pos, L, max_len)
+    return y, HyenaCache(conv_state, history.advance(L))
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
-    B, d = batch_size, self.out_proj.kernel.shape[0]
-    history = jnp.zeros((B, max_len, self.order - 1, d), jnp.float32)
-    return HyenaCache(self.short.init_state(B, dtype), history,
-                      jnp.zeros((), jnp.int32))
+    d = self.out_proj.kernel.shape[0]
+    return HyenaCache(self.short.init_state(batch_size, dtype),
+                      ConvHistory.zeros(batch_size, max_len,
+                                        (self.order - 1, d)))
 
   def flops_per_token(self, seq_len):
     d = self.out_proj.kernel.shape[0]

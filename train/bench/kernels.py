@@ -46,7 +46,8 @@ from layers.kernels import linear_attention as la
 from layers.kernels.attention import ATTENTION
 from layers.kernels.linear_recurrence import LINEAR_RECURRENCE
 from layers.kernels.selective_scan import SELECTIVE_SCAN
-from train.bench.mixers import _blocking, _opt, cpu_name, medians_in_turns, spec_command
+from train.bench.mixers import (_blocking, _opt, check_known, cpu_name,
+                                medians_in_turns, spec_command)
 
 D_STATE = 16
 CHUNK = 64
@@ -139,9 +140,7 @@ class KernelBenchSpec:
   out: str = _opt("runs/bench_kernels", "output directory")
 
   def __post_init__(self):
-    bad = [o for o in self.ops if o not in OPS]
-    if bad:
-      raise ValueError(f"ops {bad} unknown; choose from {list(OPS)}")
+    check_known("ops", self.ops, OPS)
     for pair in self.impls:
       op, _, impl = pair.partition(":")
       if op not in OPS or impl not in OPS[op].op.names():

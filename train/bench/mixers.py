@@ -65,6 +65,14 @@ def _opt(default, help: str):
   return dataclasses.field(default=default, metadata={"help": help})
 
 
+def check_known(what: str, given: Sequence[str], known) -> None:
+  """Raise one line naming the entries of `given` not in `known`, and those
+  that are."""
+  bad = [g for g in given if g not in known]
+  if bad:
+    raise ValueError(f"{what} {bad} unknown; choose from {list(known)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
   """What to measure. Field names are the `mixerlab bench` flags."""

@@ -28,8 +28,8 @@ from flax import nnx
 from layers import channel
 from layers.channel.dispatch import DISPATCHES
 from layers.params import count_params
-from train.bench.mixers import (_blocking, _inputs, _opt, cpu_name,
-                                medians_in_turns, spec_command)
+from train.bench.mixers import (_blocking, _inputs, _opt, check_known,
+                                cpu_name, medians_in_turns, spec_command)
 
 TARGET = 1.5  # dropless time at the largest E over the smallest, at most
 
@@ -50,9 +50,7 @@ class MoEBenchSpec:
   out: str = _opt("runs/bench_moe", "output directory")
 
   def __post_init__(self):
-    bad = [d for d in self.dispatches if d not in DISPATCHES]
-    if bad:
-      raise ValueError(f"dispatches {bad} unknown; choose from {list(DISPATCHES)}")
+    check_known("dispatches", self.dispatches, DISPATCHES)
     if not self.experts or min(self.experts) < self.top_k:
       raise ValueError(f"experts {self.experts} must each be >= top_k={self.top_k}")
 

@@ -276,14 +276,19 @@ def _store(value, smem, gmem):
   plgpu.wait_smem_to_gmem(0)
 
 
+def _prologue(k_g, b_g, C, interpret):
+  """This program's ops, its (batch, head, chunk) indices, its kv head (GQA:
+  H // Hkv query heads share one) and its chunk's C rows."""
+  i, h, n = (lax.axis_index(a) for a in ("batch", "heads", "chunks"))
+  hk = lax.div(h, b_g.shape[1] // k_g.shape[1])
+  return _Ops(interpret), i, h, n, hk, pl.ds(n * C, C)
+
+
 def _forward_kernel(q_g, k_g, v_g, b_g, st_g, s_g, o_g, q_s, k_s, v_s, b_s,
                     st_s, s_s, p_s, qt_s, kt_s, kp_s, o_s, loaded, *,
                     interpret):
-  ops = _Ops(interpret)
-  i, h, n = (lax.axis_index(a) for a in ("batch", "heads", "chunks"))
-  H = b_g.shape[1]
   C, K = q_s.shape
-  hk, rows = lax.div(h, H // k_g.shape[1]), pl.ds(n * C, C)
+  ops, i, h, n, hk, rows = _prologue(k_g, b_g, C, interpret)
   _load(((q_g.at[i, h, rows], q_s), (k_g.at[i, hk, rows], k_s),
          (v_g.at[i, hk, rows], v_s), (b_g.at[i, h, rows], b_s),
          (st_g.at[i, rows], st_s), (s_g.at[i, h, n], s_s)), loaded)
@@ -298,11 +303,8 @@ def _forward_kernel(q_g, k_g, v_g, b_g, st_g, s_g, o_g, q_s, k_s, v_s, b_s,
 def _backward_kernel(q_g, k_g, v_g, b_g, st_g, do_g, s_g, r_g, dq_g, dk_g,
                      dv_g, db_g, q_s, k_s, v_s, do_s, b_s, st_s, s_s, r_s,
                      w_s, x_s, x2_s, xp_s, loaded, *, interpret):
-  ops = _Ops(interpret)
-  i, h, n = (lax.axis_index(a) for a in ("batch", "heads", "chunks"))
-  H = b_g.shape[1]
   C, K = q_s.shape
-  hk, rows = lax.div(h, H // k_g.shape[1]), pl.ds(n * C, C)
+  ops, i, h, n, hk, rows = _prologue(k_g, b_g, C, interpret)
   _load(((q_g.at[i, h, rows], q_s), (k_g.at[i, hk, rows], k_s),
          (v_g.at[i, hk, rows], v_s), (do_g.at[i, h, rows], do_s),
          (b_g.at[i, h, rows], b_s), (st_g.at[i, rows], st_s),
