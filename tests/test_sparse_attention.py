@@ -329,6 +329,25 @@ def test_memory_grows_linearly(name, options):
   assert big <= 2 * small and big < 1024 * 1024, (small, big)
 
 
+def test_window_longer_than_input_gathers_only_its_blocks():
+  """A paper-sized window (4096) on a short input is causal attention and
+  gathers no more than the input's own key blocks: the largest traced
+  array equals that of a window just covering the input (without the
+  kernel's compaction it is 4096 / 8 = 512 times larger)."""
+  graph, state = nnx.split(build("sliding_window", window=4096, block_size=8))
+  x = inputs()
+  def largest(window):
+    g, s = nnx.split(build("sliding_window", window=window, block_size=8))
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(g, s)(x))(s, x)
+    return max(np.prod(v.aval.shape) for v in intermediates(jaxpr.jaxpr))
+  assert largest(4096) == largest(LENGTH + 1)
+  m = nnx.merge(graph, state)
+  _, q, k, v = projected(m, x)
+  t, s = grid()
+  o, _ = dense(q, k, v, s <= t)
+  check(m, x, finish(m, o), pieces=False)
+
+
 def test_kernel_empty_rows_are_zero_with_finite_grads():
   """A query that sees no key gives 0 and -inf lse without NaN gradients."""
   q = jnp.ones((1, 4, 2, 4))

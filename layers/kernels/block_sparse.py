@@ -110,9 +110,16 @@ def gather(q, k, v, *, table_fn: Callable, mask_fn: Callable, q_meta: Meta,
     k, v = jnp.repeat(k, H // G, axis=2), jnp.repeat(v, H // G, axis=2)
     G = H
   R = H // G
-  N = table.shape[-1]
   nK = cdiv(S, block_k)
   have = (table >= 0) & (table < nK)
+  if table.shape[-1] > nK:
+    # A row lists each block at most once, so at most nK of its entries are
+    # real: keep those (sorted first) and drop the rest. A pattern sized for
+    # long inputs (a 4096-token window, 33 key blocks) then costs a short
+    # sequence its own blocks only, not N times its keys.
+    table = jnp.sort(jnp.where(have, table, nK), axis=-1)[..., :nK]
+    have = table < nK
+  N = table.shape[-1]
   table = jnp.clip(table, 0, nK - 1)
   # The head of each table entry, for indexing a [.., H, nK, ..] array.
   head = jnp.arange(H)[:, None, None] if per_head else None
