@@ -85,6 +85,20 @@ def test_registered_axis_has_one_run_per_mixer(tmp_path):
     sweep.load(sweep_file(tmp_path, "grid:\n  task: registered\n"))
 
 
+def test_mixer_options_give_registered_mixers_options(tmp_path):
+  path = sweep_file(tmp_path, "base: base.yaml\ngrid:\n  mixer: registered\n"
+                    "mixer_options:\n  rwkv6: {head_dim: 16}\n")
+  sw = sweep.load(path)
+  assert [v.name for v in sw.variants] == mixers.names()
+  cfgs = {v.name: sw.config(v).model.mixer for v in sw.variants}
+  assert cfgs["rwkv6"] == {"name": "rwkv6", "head_dim": 16}
+  assert cfgs["gla"] == "gla"
+  with pytest.raises(configs.ConfigError, match="unknown mixers \\['rwkv7'\\]"):
+    sweep.load(sweep_file(tmp_path, "mixer_options: {rwkv7: {head_dim: 8}}\n"))
+  with pytest.raises(configs.ConfigError, match="mapping from mixer names"):
+    sweep.load(sweep_file(tmp_path, "mixer_options: [rwkv6]\n"))
+
+
 def test_inline_base_and_list_values(tmp_path):
   path = sweep_file(tmp_path, """
 base: {model: {d_model: 40}, train: {steps: 2}}
@@ -130,6 +144,21 @@ def test_failure_recorded_sweep_continues_rerun_skips_done(tmp_path):
   # changing the config of an existing run is refused, not silently mixed
   with pytest.raises(configs.ConfigError, match="different config"):
     sweep.run_sweep(sw, out, overrides=["train.steps=9"], run_fn=second, log=lambda _: None)
+
+
+def test_only_runs_the_matching_runs_and_keeps_the_rest(tmp_path):
+  sw = sweep.load(sweep_file(tmp_path, GRID))
+  out = str(tmp_path / "out")
+  first = FakeTrainer()
+  res = sweep.run_sweep(sw, out, run_fn=first, log=lambda _: None,
+                        only=["mqar__*__plain", "text__lr=0.001__*"])
+  assert sorted(first.calls) == ["mqar__lr=0.001__plain", "mqar__lr=0.003__plain",
+                                 "text__lr=0.001__plain",
+                                 "text__lr=0.001__wide__n_layers=2"]
+  assert sum(r["status"] == "done" for r in res["rows"]) == 4
+  rest = FakeTrainer()  # a later call without `only` runs what is left
+  sweep.run_sweep(sw, out, run_fn=rest, log=lambda _: None)
+  assert len(rest.calls) == 4 and not set(rest.calls) & set(first.calls)
 
 
 def test_results_table_blank_where_unknown_and_best_lr(tmp_path):

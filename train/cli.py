@@ -72,11 +72,13 @@ def cmd_sweep(args) -> int:
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
               "--out", out, *(["--best-lr"] if args.best_lr else []),
               *(["--retry-failed"] if args.retry_failed else []),
+              *(["--only", args.only] if args.only else []),
               *(["--debug"] if args.debug else []), *args.overrides]
     return sweep.supervise(worker, out, sw.timeout_s)
   sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
-                        retry_failed=args.retry_failed)
+                        retry_failed=args.retry_failed,
+                        only=[g for g in (args.only or "").split(",") if g])
   print("\n" + results.markdown(res["shown"], caption=res["caption"]))
   if res["seeds"]:
     print(results.markdown(res["seeds"], results.SEED_COLUMNS))
@@ -196,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
                  help="also tabulate/plot the best learning rate per setting")
   s.add_argument("--retry-failed", action="store_true",
                  help="run failed runs again (finished ones are always kept)")
+  s.add_argument("--only", metavar="GLOBS",
+                 help="run only the runs whose names match one of these "
+                 "comma-separated glob patterns (others are left as they are)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   s.set_defaults(func=cmd_sweep)
   s = add("bench", help="time/memory vs sequence length, decode vs context")

@@ -4,6 +4,11 @@ whose grid has a `model.dtype` axis (configs/sweeps/bf16_soak.yaml).
 
     python -m train.soak runs/sweeps/bf16_soak notebooks/results/bf16_soak
 
+A soak too long for one sitting can be run in parts: `mixerlab sweep
+--only` runs some mixers into a new sweep directory, and `--previous`
+takes the rows this directory has not run from an earlier report of the
+same sweep file (they are marked in the table).
+
 A pair passes when both runs finished (the trainer stops a run at the first
 non-finite loss or gradient norm, so finished means finite throughout) and
 |bf16 - fp32| <= MARGIN. A run that is missing or failed is shown as such.
@@ -55,6 +60,14 @@ def pairs(sw: sweeps.Sweep, state: dict) -> list[dict]:
   return list(rows.values())
 
 
+def with_previous(rows: list[dict], previous: list[dict]) -> list[dict]:
+  """`rows`, with each row not run here taken from `previous` (marked)."""
+  earlier = {r["mixer"]: r for r in previous if r["verdict"] != "not run"}
+  return [dict(earlier[r["mixer"]], previous=True)
+          if r["verdict"] == "not run" and r["mixer"] in earlier else r
+          for r in rows]
+
+
 def _fmt(x, spec="{:.4f}"):
   return "" if x is None else spec.format(x)
 
@@ -65,6 +78,7 @@ def markdown(rows: list[dict], sw: sweeps.Sweep, out: str, report: str) -> str:
   done = sum(r["verdict"] != "not run" for r in rows)
   passed = sum(r["verdict"] == "ok" for r in rows)
   wall = sum(r["wall_s"] for r in rows)
+  earlier = sum(bool(r.get("previous")) for r in rows)
   lines = [
       "# bf16 soak: final validation loss, fp32 vs bf16 compute", "",
       "```bash",
@@ -82,11 +96,15 @@ def markdown(rows: list[dict], sw: sweeps.Sweep, out: str, report: str) -> str:
       "(a shared 2-core machine).",
       f"- Margin: |bf16 - fp32| <= {MARGIN} nats/byte, and no non-finite "
       "loss (the trainer stops a run at the first one).",
+      *([f"- {earlier} rows (marked *) come from the previous report of "
+         "this sweep file (`--previous`), measured in an earlier sitting; "
+         "the wall time counts both."] if earlier else []),
       f"- Outcome: {passed} of {len(rows)} mixers pass; {len(rows) - done} not run.", "",
       "| mixer | fp32 loss | bf16 loss | bf16 - fp32 | verdict |",
       "| --- | --- | --- | --- | --- |"]
   for r in rows:
-    lines.append(f"| {r['mixer']} | {_fmt(r['float32'])} | {_fmt(r['bfloat16'])} "
+    mark = "*" if r.get("previous") else ""
+    lines.append(f"| {r['mixer']}{mark} | {_fmt(r['float32'])} | {_fmt(r['bfloat16'])} "
                  f"| {_fmt(r['diff'], '{:+.4f}')} | {r['verdict']} |")
   return "\n".join(lines) + "\n"
 
@@ -96,10 +114,16 @@ def main(argv=None) -> int:
   p.add_argument("sweep_dir", help="the sweep's --out directory")
   p.add_argument("report_dir", help="where to write bf16_soak.{md,json}")
   p.add_argument("--config", default=SWEEP, help=f"the sweep file (default {SWEEP})")
+  p.add_argument("--previous", metavar="JSON",
+                 help="an earlier bf16_soak.json of the same sweep file: "
+                 "rows not run here are taken from it")
   args = p.parse_args(argv)
   sw = sweeps.load(args.config)
   with open(os.path.join(args.sweep_dir, sweeps.STATE)) as f:
     rows = pairs(sw, json.load(f))
+  if args.previous:
+    with open(args.previous) as f:
+      rows = with_previous(rows, json.load(f)["rows"])
   os.makedirs(args.report_dir, exist_ok=True)
   text = markdown(rows, sw, args.sweep_dir, args.report_dir)
   with open(os.path.join(args.report_dir, "bf16_soak.md"), "w") as f:

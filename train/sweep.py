@@ -8,6 +8,8 @@ A sweep file (YAML):
     grid:                           # optional; the product of its axes
       task: [../tasks/text.yaml, ../tasks/mqar.yaml]   # an axis of config files
       mixer: registered             # every registered mixer, at its defaults
+    mixer_options:                  # optional; options for some registered mixers
+      rwkv6: {head_dim: 16}         #   (a run named rwkv6, with these options)
       optimizer.lr: [1.0e-3, 3.0e-3]  # a dotted key: an axis of values
     variants:                       # optional; explicit runs (times the grid)
       - {name: griffin, files: [../hybrids/griffin.yaml]}
@@ -18,8 +20,9 @@ A sweep file (YAML):
 Paths are relative to the sweep file. A grid key with a dot is a config
 key; any other key names an axis of config files, except `mixer:
 registered`: one run per mixer in `layers.mixers.names()`, each as
-`model.mixer=<name>` (a mixer that needs other options is a variant with
-its file or dotted keys). Each run gets a stable
+`model.mixer=<name>` (`mixer_options` gives some of them options, e.g. a
+head size that fits a small width; otherwise a mixer that needs other
+options is a variant with its file or dotted keys). Each run gets a stable
 directory name from its axis values (or the variant's `name`), under
 <out>/runs/. Files merge in the order base, grid axes, variant files (each
 once, see `train.configs`), then overrides: sweep, grid, variant, command line.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -103,14 +107,16 @@ def _label(key: str, value) -> str:
   return f"{key.rsplit('.', 1)[-1]}={slug(value)}"
 
 
-def _axis(key: str, values, here: str) -> list[tuple[str, dict]]:
+def _axis(key: str, values, here: str, mixer_options: Mapping) -> list[tuple[str, dict]]:
   """[(label, {"files": [...]} or {"overrides": [...]})] for one grid axis."""
   if "." in key:
     if not isinstance(values, list):
       raise configs.ConfigError(f"grid axis {key!r} needs a list of values, got {values!r}")
     return [(_label(key, v), {"overrides": [_override(key, v)]}) for v in values]
   if key == "mixer" and values == "registered":
-    return [(n, {"overrides": [_override("model.mixer", n)]}) for n in mixers.names()]
+    return [(n, {"overrides": [_override(
+        "model.mixer", {"name": n, **mixer_options[n]} if n in mixer_options else n)]})
+            for n in mixers.names()]
   if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
     raise configs.ConfigError(
         f"grid axis {key!r} (no dot: an axis of config files) needs a list of "
@@ -134,7 +140,19 @@ def _variant_part(spec: Mapping, here: str) -> tuple[str, dict]:
   return label, {"files": files, "overrides": overrides}
 
 
-SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s")
+SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s",
+              "mixer_options")
+
+
+def _mixer_options(path: str, raw) -> dict:
+  unknown = set(raw) - set(mixers.names()) if isinstance(raw, Mapping) else None
+  if unknown is None or not all(isinstance(v, Mapping) for v in raw.values()):
+    raise configs.ConfigError(f"{path}: mixer_options needs a mapping from mixer "
+                              f"names to option mappings, got {raw!r}")
+  if unknown:
+    raise configs.ConfigError(f"{path}: mixer_options names unknown mixers "
+                              f"{sorted(unknown)}; registered: {', '.join(mixers.names())}")
+  return {k: dict(v) for k, v in raw.items()}
 
 
 def load(path: str) -> Sweep:
@@ -148,7 +166,8 @@ def load(path: str) -> Sweep:
   inline = base if isinstance(base, Mapping) else {}
   base_files = () if inline else tuple(
       os.path.join(here, b) for b in ([base] if isinstance(base, str) else base))
-  axes = [[(k, lab, part) for lab, part in _axis(k, v, here)]
+  options = _mixer_options(path, raw.get("mixer_options", {}))
+  axes = [[(k, lab, part) for lab, part in _axis(k, v, here, options)]
           for k, v in raw.get("grid", {}).items()]
   if "variants" in raw:
     axes.append([("variant", *_variant_part(v, here)) for v in raw["variants"]])
@@ -230,9 +249,11 @@ def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
 def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
               run_fn: Callable[[Config], dict] = trainer_run,
               log: Callable[[str], None] = print, skip: Sequence[str] = (),
-              retry_failed: bool = False) -> dict:
+              retry_failed: bool = False, only: Sequence[str] = ()) -> dict:
   """Run every variant not done (nor failed, unless retry_failed, nor in
-  `skip`) into out/runs/<name>, in this process; write the tables
+  `skip`, nor left out by `only`: glob patterns on run names, e.g. to add
+  runs to a sweep measured before) into out/runs/<name>, in this process;
+  write the tables
   (`results.write`) and plots under out and return results.write's dict,
   the plots among its files."""
   os.makedirs(out, exist_ok=True)
@@ -250,6 +271,9 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
     if status == DONE or (status == FAILED and not retry_failed) or v.name in skip:
       log(f"[{i + 1}/{len(cfgs)}] {v.name}: {entry.get('status')}, skipped")
       continue
+    if only and not any(fnmatch.fnmatchcase(v.name, g) for g in only):
+      log(f"[{i + 1}/{len(cfgs)}] {v.name}: not in --only, skipped")
+      continue
     log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if entry else 'starting'}")
     state[v.name] = {"status": RUNNING, "config_hash": h, "labels": v.labels,
                      # for `supervise`: which run a crashed or hung child was in
@@ -258,7 +282,7 @@ def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
     os.makedirs(cfg.train.run_dir, exist_ok=True)  # the trainer writes its config.yaml
     _attempt(cfg, run_fn, state[v.name], log)
     _write_json(os.path.join(out, STATE), state)
-  rows = [results.row(v.name, v.labels, cfgs[v.name], state[v.name])
+  rows = [results.row(v.name, v.labels, cfgs[v.name], state.get(v.name, {}))
           for v in sweep.variants]
   written = results.write(rows, out, best_lr=sweep.best_lr)
   from train import plots  # matplotlib only when writing
