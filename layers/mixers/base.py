@@ -76,11 +76,10 @@ class Mixer(nnx.Module):
     """Registry hook: every kernel-choice option names one of its op's
     implementations, or "auto"."""
     for key, op in cls.kernel_ops.items():
-      value = options.get(key, "auto")
-      if value != "auto" and value not in op.names():
-        raise OptionError(
-            f"{cls.registered_name}: option {key}: unknown {op.name} kernel "
-            f"{value!r}; choose 'auto' or one of {op.names()}")
+      try:
+        op.check(options.get(key, "auto"))
+      except ValueError as e:
+        raise OptionError(f"{cls.registered_name}: option {key}: {e}") from None
 
   def __call__(self, x: jax.Array, *, cache: Any = None,
                segment_ids: jax.Array | None = None):
