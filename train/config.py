@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from arches.extend import EXTENSIONS, extend_rope
 from arches.lm import LMConfig
 from arches.validation import (NON_EMPTY, ConfigError, Rule, above, at_least,
                                check_fields, each, one_of, within)
@@ -82,6 +83,8 @@ class TrainConfig:
   run_dir: str = "runs/default"
   seed: int = 0
   eval_lengths: tuple[int, ...] = ()  # final eval at these multiples of seq_len
+  # ... and again with RoPE rescaled at test time (arches.extend), factor = multiple
+  eval_positions: tuple[str, ...] = ()
   async_checkpoint: bool = True
 
   def __post_init__(self):
@@ -89,7 +92,12 @@ class TrainConfig:
                  grad_accum=at_least(1), eval_every=at_least(1),
                  eval_batches=at_least(1), log_every=at_least(1),
                  checkpoint_every=at_least(1), keep_checkpoints=at_least(1),
-                 run_dir=NON_EMPTY, seed=at_least(0), eval_lengths=each(at_least(1)))
+                 run_dir=NON_EMPTY, seed=at_least(0), eval_lengths=each(at_least(1)),
+                 eval_positions=each(one_of(EXTENSIONS)))
+    if self.eval_positions and not self.eval_lengths:
+      raise ConfigError(f"train.eval_positions={list(self.eval_positions)} rescales RoPE "
+                        "at the train.eval_lengths, which are empty; give both",
+                        "train.eval_positions", "train.eval_lengths")
     if self.batch_size % self.grad_accum:
       raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
                         f"train.grad_accum={self.grad_accum} (equal micro-batches)",
@@ -121,4 +129,6 @@ class Config:
 
   def __post_init__(self):
     data.check_compatible(self.data, self.model)
+    for scheme in self.train.eval_positions:  # the model must have RoPE layers
+      extend_rope(self.model, scheme, 2.0, self.data.seq_len)
     sharding.check_expert_parallel(self.model, self.mesh.expert)

@@ -204,6 +204,24 @@ class Trainer:
     }
 
 
+def _final_extras(setup: Setup, state: TrainState, eval_step, batches) -> dict:
+  """What the final eval adds to the validation metrics: eval_lengths
+  ({multiple: metrics}) and eval_positions ({scheme: {multiple: metrics}},
+  RoPE rescaled at test time) where asked, and expert_load (per MoE layer,
+  routing statistics on the eval batches) for models with MoE layers."""
+  tc, out = setup.cfg.train, {}
+  if tc.eval_lengths:
+    out["eval_lengths"] = evaluation.evaluate_lengths(
+        setup, state, tc.eval_lengths, eval_step=eval_step)
+  if tc.eval_positions:
+    out["eval_positions"] = evaluation.evaluate_extensions(
+        setup, state, tc.eval_positions, tc.eval_lengths)
+  loads = evaluation.expert_load(setup, state, batches)
+  if loads:
+    out["expert_load"] = loads
+  return out
+
+
 def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   """`run` with the data given: `train_iter` yields host batches (this
   process's rows) and has get_state()/set_state(); `eval_batches` is a
@@ -223,9 +241,8 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   try:
     state = trainer.fit(state, start, log)
     final = trainer.run_eval(state, tc.steps, log)
-    if tc.eval_lengths:
-      final["eval_lengths"] = evaluation.evaluate_lengths(
-          trainer.setup, state, tc.eval_lengths, eval_step=trainer.eval_step)
+    final.update(_final_extras(trainer.setup, state, trainer.eval_step,
+                               trainer.eval_batches))
   finally:
     trainer.ckpt.wait()  # a failed run still leaves its last save complete
     trainer.ckpt.close()
@@ -241,7 +258,8 @@ def run(cfg: Config) -> dict:
   periodically and at the end; returns the summary also written to
   run_dir/summary.json: params, tokens_per_s, step_time_s, compile_time_s,
   mfu, peak_memory_bytes, train_loss, val_loss, val_ppl, val_bpb or
-  val_accuracy, eval_lengths (if asked), run_dir."""
+  val_accuracy, eval_lengths and eval_positions (if asked), expert_load
+  (MoE models; `_final_extras`), run_dir."""
   tc = cfg.train
   train_iter = data.make_train_iter(cfg.data, tc.batch_size, seed=tc.seed)
   eval_batches = data.make_eval_batches(cfg.data, tc.batch_size // tc.grad_accum,
@@ -251,7 +269,7 @@ def run(cfg: Config) -> dict:
 
 def evaluate(cfg: Config) -> dict:
   """Validation metrics of the latest readable checkpoint in
-  cfg.train.run_dir (plus eval_lengths if cfg.train.eval_lengths is set).
+  cfg.train.run_dir (plus what `_final_extras` adds).
   The model must be the run record's; the data may differ."""
   rundir.check_same_model(cfg)
   setup = build(cfg)
@@ -265,8 +283,5 @@ def evaluate(cfg: Config) -> dict:
   eval_step = make_eval_step(setup)
   batches = evaluation.put_batches(data.make_eval_batches(
       cfg.data, evaluation.eval_batch_size(setup), cfg.train.eval_batches), setup)
-  out = {"step": step, **evaluation.evaluate_batches(eval_step, state, batches, cfg.data)}
-  if cfg.train.eval_lengths:
-    out["eval_lengths"] = evaluation.evaluate_lengths(
-        setup, state, cfg.train.eval_lengths, eval_step=eval_step)
-  return out
+  return {"step": step, **evaluation.evaluate_batches(eval_step, state, batches, cfg.data),
+          **_final_extras(setup, state, eval_step, batches)}

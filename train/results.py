@@ -41,6 +41,8 @@ COLUMNS = (
 CSV_COLUMNS = COLUMNS + (("error", "error", "{}"),)
 SUMMARY_KEYS = ("params", "tokens_per_s", "val_loss", "val_ppl", "val_bpb",
                 "val_accuracy", "mfu", "aux_loss", "moe/load_max", "moe/dropped")
+# Kept in the row as the summary has them (train.loop: the final eval's extras).
+NESTED_KEYS = ("eval_lengths", "eval_positions", "expert_load")
 
 
 def mixer_label(cfg: Config) -> str:
@@ -75,6 +77,7 @@ def row(name: str, labels: dict, cfg: Config, entry: dict) -> dict:
        "group": group(cfg, "optimizer.lr"), "seed": cfg.train.seed,
        "seed_group": group(cfg, "train.seed")}
   r.update({k: _known(s.get(k)) for k in SUMMARY_KEYS})
+  r.update({k: s[k] for k in NESTED_KEYS if k in s})
   step, mem = _known(s.get("step_time_s")), _known(s.get("peak_memory_bytes"))
   r["step_time_ms"] = None if step is None else 1e3 * step
   r["peak_memory_mib"] = None if mem is None else mem / 2**20
@@ -133,6 +136,35 @@ SEED_COLUMNS = (("task", "task", "{}"), ("mixer", "mixer", "{}"), ("metric", "me
                 ("tokens/s", "tokens_per_s", "{:,.0f}"), ("runs", "runs", "{}"))
 
 
+def _at_lengths(r: dict, evaluated: str, by_multiple: dict) -> list[dict]:
+  out = []
+  for m, metrics in sorted(by_multiple.items(), key=lambda kv: int(kv[0])):
+    metric, value, _ = quality(metrics)
+    out.append({"run": r["run"], "task": r["task"], "mixer": r["mixer"],
+                "evaluated": evaluated, "multiple": int(m),
+                "eval_len": int(m) * r["seq_len"], "metric": metric, "value": value})
+  return out
+
+
+def lengths(rows: Sequence[dict]) -> list[dict]:
+  """One row per run, evaluation and length from the runs' final evals at
+  several contexts (train.eval_lengths): "as trained", or with RoPE
+  rescaled at test time by a scheme (train.eval_positions); the quality
+  metric (`quality`) at multiple x the training length."""
+  out = []
+  for r in rows:
+    out += _at_lengths(r, "as trained", r.get("eval_lengths") or {})
+    for scheme, by_multiple in (r.get("eval_positions") or {}).items():
+      out += _at_lengths(r, scheme, by_multiple)
+  return out
+
+
+LENGTH_COLUMNS = (("run", "run", "{}"), ("task", "task", "{}"), ("mixer", "mixer", "{}"),
+                  ("evaluated", "evaluated", "{}"), ("x train length", "multiple", "{}"),
+                  ("eval length", "eval_len", "{}"), ("metric", "metric", "{}"),
+                  ("value", "value", "{:.3f}"))
+
+
 def seed_caption(seeded: Sequence[dict]) -> str:
   """One line per task and metric: the largest spread over seeds, the
   yardstick for reading differences between the table's rows; "" when no
@@ -173,7 +205,8 @@ def write_csv(rows: Sequence[dict], path: str, columns=CSV_COLUMNS) -> None:
 
 def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
   """Write results.{csv,md} (and results_best_lr.* when asked,
-  results_over_seeds.* when a setting ran with several seeds) under `out`;
+  results_over_seeds.* when a setting ran with several seeds,
+  results_lengths.* when runs evaluated at several lengths) under `out`;
   return {"rows", "shown", "seeds", "caption", "files"}. `shown` are the
   rows the plots (train.plots, which reads this module) use: the best-lr
   rows when best_lr, else all; `caption` is `seed_caption`, written above
@@ -186,6 +219,9 @@ def write(rows: Sequence[dict], out: str, best_lr: bool = False) -> dict:
     tables.append(("results_best_lr", best_of_lr(rows), COLUMNS))
   if seeded:
     tables.append(("results_over_seeds", seeded, SEED_COLUMNS))
+  at_lengths = lengths(rows)
+  if at_lengths:
+    tables.append(("results_lengths", at_lengths, LENGTH_COLUMNS))
   for stem, rs, columns in tables:
     write_csv(rs, os.path.join(out, stem + ".csv"),
               CSV_COLUMNS if columns is COLUMNS else columns)

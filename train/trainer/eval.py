@@ -1,6 +1,7 @@
 """Validation: loss, perplexity, bits per byte (byte-level text) or accuracy
 (synthetic tasks) over fixed eval batches, and the same at longer contexts
-(length extrapolation)."""
+(length extrapolation), also with RoPE rescaled at test time; the routing
+statistics of mixture-of-experts layers on the same batches."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import math
 import jax
 import numpy as np
 
+from arches.extend import extend_rope
 from train import data
 from train.config import DataConfig
 from train.trainer.sharding import batch_divisor, shard_batch
-from train.trainer.state import Setup, TrainState
+from train.trainer.state import Setup, TrainState, build
+from train.trainer.step import forward_with_aux, make_eval_step
 
 
 def byte_level(data_cfg: DataConfig) -> bool:
@@ -72,3 +75,40 @@ def evaluate_lengths(setup: Setup, state: TrainState, multiples, *,
                           setup)
     out[m] = evaluate_batches(eval_step, state, batches, data_cfg)
   return out
+
+
+def evaluate_extensions(setup: Setup, state: TrainState, schemes, multiples,
+                        n_batches: int | None = None) -> dict:
+  """{scheme: {multiple: summarize(...)}}: `evaluate_lengths` with every
+  plain-RoPE layer switched at test time to `scheme` (arches.extend) at
+  factor = the multiple, original length seq_len; the trained weights are
+  used unchanged. One compile per scheme and multiple."""
+  cfg, out = setup.cfg, {}
+  for scheme in schemes:
+    out[scheme] = {}
+    for m in multiples:
+      model = extend_rope(cfg.model, scheme, m, cfg.data.seq_len)
+      extended = build(dataclasses.replace(  # a model without plain RoPE
+          cfg, model=model, train=dataclasses.replace(cfg.train, eval_positions=())),
+          setup.mesh)
+      out[scheme][m] = evaluate_lengths(extended, state, [m], n_batches=n_batches,
+                                        eval_step=make_eval_step(extended))[m]
+  return out
+
+
+def expert_load(setup: Setup, state: TrainState, batches) -> dict:
+  """Routing statistics of each mixture-of-experts layer over the device
+  `batches` (the eval set), batch means: {layer: {"load": fraction of the
+  assignments per expert (1/E each when balanced), "balance_loss",
+  "z_loss", "entropy", "dropped"}} (layers.channel.routers.RouterStats);
+  {} for a model without MoE layers."""
+  def stats(st, batch):
+    _, aux = forward_with_aux(setup.graphdef, st.params, st.buffers, batch, setup.mesh)
+    return {i: a.stats for i, a in aux.items()}
+  if not jax.eval_shape(stats, state, batches[0]):
+    return {}
+  fn = jax.jit(stats)
+  per_batch = jax.device_get([fn(state, b) for b in batches])  # one sync
+  mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *per_batch)
+  return {i: {f.name: np.asarray(getattr(s, f.name)).tolist()
+              for f in dataclasses.fields(s)} for i, s in mean.items()}

@@ -29,6 +29,7 @@ from train.config import Config
 RESUMABLE = frozenset({
     "train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_lengths",
+    "train.eval_positions",
     "train.async_checkpoint", "train.run_dir", "train.grad_accum",
     "optimizer.min_lr_ratio", "model.remat", "data.prefetch",
     "mesh.data", "mesh.fsdp", "mesh.rules"})
