@@ -1,4 +1,4 @@
-"""Sweep figures (matplotlib, Agg backend, PNG):
+"""Sweep figures (matplotlib, PNG):
 
   quality_vs_throughput.png  validation quality vs training tokens/s, one
                              point per run, the Pareto front marked; one
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import matplotlib
 import matplotlib.ticker
+# Figures are drawn without pyplot, so importing this module chooses no
+# backend: a notebook that runs a sweep keeps its own inline figures.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-from train import results  # noqa: E402
+from train import results
 
 METRICS = "metrics.jsonl"
 
@@ -48,8 +48,8 @@ def _by_task(rows):
 def quality_vs_throughput(rows: Sequence[dict], path: str) -> str:
   tasks = _by_task([r for r in rows if r.get("tokens_per_s") and
                     results.quality(r)[1] is not None])
-  fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(6 * max(len(tasks), 1), 4.5),
-                           squeeze=False)
+  fig = Figure(figsize=(6 * max(len(tasks), 1), 4.5))
+  axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)
   for ax, (task, rs) in zip(axes[0], sorted(tasks.items())):
     metric, _, higher = results.quality(rs[0])
     rs = [r for r in rs if results.quality(r)[0] == metric]
@@ -71,7 +71,6 @@ def quality_vs_throughput(rows: Sequence[dict], path: str) -> str:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -97,13 +96,13 @@ def train_curve(records: Sequence[dict], tokens_per_step: int) -> tuple[list, li
 
 def loss_curves(rows: Sequence[dict], path: str) -> str:
   tasks = _by_task([r for r in rows if r["status"] == "done"])
-  fig, axes = plt.subplots(max(len(tasks), 1), 2, figsize=(12, 4 * max(len(tasks), 1)),
-                           squeeze=False)
+  fig = Figure(figsize=(12, 4 * max(len(tasks), 1)))
+  axes = fig.subplots(max(len(tasks), 1), 2, squeeze=False)
   for (ax_tok, ax_time), (task, rs) in zip(axes, sorted(tasks.items())):
     for i, r in enumerate(rs):
       tokens, secs, loss = train_curve(read_metrics(r["run_dir"]), r["tokens_per_step"])
       # 20 distinct colours, then dashed: ~25 mixers stay tellable apart
-      style = dict(lw=1, color=plt.cm.tab20(i % 20), ls="-" if i < 20 else "--",
+      style = dict(lw=1, color=matplotlib.colormaps["tab20"](i % 20), ls="-" if i < 20 else "--",
                    label=r["mixer"])
       ax_tok.plot(tokens, loss, **style)
       ax_time.plot(secs, loss, **style)
@@ -114,7 +113,6 @@ def loss_curves(rows: Sequence[dict], path: str) -> str:
       ax_time.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -126,7 +124,8 @@ def sweep_plots(rows: Sequence[dict], out: str) -> list[str]:
 def bench_plot(report: dict, path: str, title: str) -> str:
   """Log-log: forward+backward time and temp memory per sequence vs length,
   decode time per token vs context; one line per mixer, under `title`."""
-  fig, (ax_t, ax_m, ax_d) = plt.subplots(1, 3, figsize=(19, 5.5))
+  fig = Figure(figsize=(19, 5.5))
+  ax_t, ax_m, ax_d = fig.subplots(1, 3)
   colors = matplotlib.colormaps["tab20"].colors
   for i, m in enumerate(report["mixers"]):
     # 20 colours x 3 line styles: each of up to 60 mixers has its own line
@@ -156,5 +155,4 @@ def bench_plot(report: dict, path: str, title: str) -> str:
   fig.suptitle(title, fontsize=9)
   fig.tight_layout(rect=(0, 0, 0.9, 1))
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import sys
 
-from train.plots import plt, read_metrics
+from matplotlib.figure import Figure
+
+from train.plots import read_metrics
 
 
 def main(sweep_dir: str, out: str) -> None:
   names = sorted(os.listdir(os.path.join(sweep_dir, "runs")))
   lrs = sorted({n.split("__")[0] for n in names})
-  fig, axes = plt.subplots(1, len(lrs), figsize=(6 * len(lrs), 4.5), squeeze=False)
+  fig = Figure(figsize=(6 * len(lrs), 4.5))
+  axes = fig.subplots(1, len(lrs), squeeze=False)
   for ax, lr in zip(axes[0], lrs):
     for name in (n for n in names if n.split("__")[0] == lr):
       val = [r for r in read_metrics(os.path.join(sweep_dir, "runs", name)) if "val_bpb" in r]
@@ -33,7 +36,6 @@ def main(sweep_dir: str, out: str) -> None:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
-  plt.close(fig)
 
 
 if __name__ == "__main__":
