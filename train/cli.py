@@ -44,8 +44,34 @@ def _load(args) -> "configs.Config":
   return configs.load(args.config, args.overrides)
 
 
+def _cluster_args(p: argparse.ArgumentParser):
+  """Multi-host flags (train/distributed.py); without them the cluster is
+  detected from the environment (SLURM, a TPU VM) or there is one process."""
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address, on every process")
+  p.add_argument("--num-processes", type=int, metavar="N")
+  p.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
+def _cluster(args):
+  from train import distributed
+  return distributed.Cluster(args.coordinator, args.num_processes, args.process_id)
+
+
+def _join_cluster(args) -> None:
+  from train import distributed
+  distributed.initialize(_cluster(args))
+
+
+def _cluster_flags(args) -> list[str]:
+  return [a for flag in ("coordinator", "num_processes", "process_id")
+          if getattr(args, flag) is not None
+          for a in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
+
+
 def cmd_train(args) -> int:
   cfg = _load(args)  # config errors first, before the trainer's heavy imports
+  _join_cluster(args)
   from train import loop
   print(f"run dir: {cfg.train.run_dir}")  # the trainer writes its config.yaml
   print(json.dumps(loop.run(cfg), indent=1, default=str))
@@ -67,13 +93,16 @@ def cmd_sweep(args) -> int:
   out = args.out or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
   if args.skip is None:  # the supervisor: the runs happen in child processes
+    _cluster(args)  # bad multi-host flags fail here, in one line
     for v in sw.variants:  # a bad run config fails here too, in one line
       sw.config(v, args.overrides)
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
               "--out", out, *(["--best-lr"] if args.best_lr else []),
               *(["--retry-failed"] if args.retry_failed else []),
-              *(["--debug"] if args.debug else []), *args.overrides]
+              *(["--debug"] if args.debug else []), *_cluster_flags(args),
+              *args.overrides]
     return sweep.supervise(worker, out, sw.timeout_s)
+  _join_cluster(args)
   sweep.use_compile_cache(out)
   res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
                         retry_failed=args.retry_failed)
@@ -182,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
   add = functools.partial(sub.add_parser, parents=[common])
   s = add("train", help="train one model from config files")
   _config_args(s, True, "config file")
+  _cluster_args(s)
   s.set_defaults(func=cmd_train)
   s = add("eval", help="evaluate a run's latest checkpoint")
   _config_args(s, True, "config file (e.g. a run's config.yaml)")
@@ -197,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--retry-failed", action="store_true",
                  help="run failed runs again (finished ones are always kept)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
+  _cluster_args(s)
   s.set_defaults(func=cmd_sweep)
   s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
