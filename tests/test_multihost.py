@@ -29,7 +29,9 @@ if kill_at:
   def save_then_die(self, step, *args):
     save(self, step, *args)
     if step == kill_at:
-      self.wait()  # the checkpoint is complete on every process
+      self.wait()
+      from jax.experimental import multihost_utils  # both are past the save
+      multihost_utils.sync_global_devices("saved")
       os.kill(os.getpid(), signal.SIGKILL)
   Checkpointer.save = save_then_die
 code = cli.main(argv)
@@ -69,6 +71,7 @@ def losses(run_dir: str) -> dict[int, float]:
 @pytest.fixture
 def config(tmp_path):
   cfg = tiny_config(str(tmp_path / "unused"), steps=STEPS, checkpoint_every=KILL_AT)
+  cfg = configs.replace(cfg, model={"n_layers": 1})  # compiles take most of the time
   return configs.save(cfg, str(tmp_path))
 
 
@@ -77,9 +80,9 @@ def test_two_processes_match_one_and_resume_after_kill(tmp_path, config, compile
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   ref = launch(config, one, 1, env)
   killed = launch(config, two, 2, env, kill_at=KILL_AT)
-  for p in killed:
+  for p in killed:  # the second to go may first see the coordinator die and abort
     out = p.communicate(timeout=TIMEOUT)[0]
-    assert p.returncode == -9, out
+    assert p.returncode in (-9, -6) and "RESULT" not in out, out
   assert result(ref[0], TIMEOUT) == 0
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == [str(KILL_AT)]
   assert max(losses(two)) == KILL_AT

@@ -86,12 +86,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-  from train import results, sweep
+  from train import sweep
   sw = sweep.load(args.config)  # a bad sweep file fails here, before any run
   if args.best_lr:
     sw = dataclasses.replace(sw, best_lr=True)
+  if args.executor:
+    sw = dataclasses.replace(sw, executor=dataclasses.replace(sw.executor,
+                                                              name=args.executor))
   out = args.out or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
+  if sw.executor.name != "inprocess":  # each run a job; this process drives them
+    from train import sweep_jobs
+    return _report_sweep(sweep_jobs.run(sw, out, sw.executor, args.overrides,
+                                        retry_failed=args.retry_failed), out)
   if args.skip is None:  # the supervisor: the runs happen in child processes
     _cluster(args)  # bad multi-host flags fail here, in one line
     for v in sw.variants:  # a bad run config fails here too, in one line
@@ -104,8 +111,14 @@ def cmd_sweep(args) -> int:
     return sweep.supervise(worker, out, sw.timeout_s)
   _join_cluster(args)
   sweep.use_compile_cache(out)
-  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
-                        retry_failed=args.retry_failed)
+  return _report_sweep(sweep.run_sweep(sw, out, args.overrides,
+                                       skip=[s for s in args.skip.split(",") if s],
+                                       retry_failed=args.retry_failed), out)
+
+
+def _report_sweep(res: dict, out: str) -> int:
+  """Print a finished sweep's tables and files; 1 if any run is not done."""
+  from train import results, sweep
   print("\n" + results.markdown(res["shown"], caption=res["caption"]))
   if res["seeds"]:
     print(results.markdown(res["seeds"], results.SEED_COLUMNS))
@@ -226,6 +239,11 @@ def parser() -> argparse.ArgumentParser:
                  help="also tabulate/plot the best learning rate per setting")
   s.add_argument("--retry-failed", action="store_true",
                  help="run failed runs again (finished ones are always kept)")
+  from train.sweep import EXECUTORS
+  s.add_argument("--executor", choices=EXECUTORS,
+                 help="run each variant as a submitit job (local or slurm) instead "
+                      "of in a supervised worker; overrides the sweep file's "
+                      "executor.name (see train/sweep_jobs.py)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   _cluster_args(s)
   s.set_defaults(func=cmd_sweep)
