@@ -1,8 +1,9 @@
-"""`mixerlab` command line: train, eval, sweep, bench, mixers.
+"""`mixerlab` command line: train, eval, sweep, compile, bench, mixers.
 
     mixerlab train --config configs/tiny.yaml model.mixer=mamba optimizer.lr=1e-3
     mixerlab eval  --config runs/default/config.yaml
     mixerlab sweep --config configs/sweeps/default.yaml
+    mixerlab compile --topology v5p:2x4x4 --config configs/tiny.yaml mesh.fsdp=8
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
     mixerlab bench-moe --experts 8,16,32,64
     mixerlab bench-kernels --ops attention,scan --lengths 1024,4096
@@ -130,6 +131,13 @@ def _report_sweep(res: dict, out: str) -> int:
   return 1 if failed else 0
 
 
+def cmd_compile(args) -> int:
+  cfg = _load(args)
+  from train import aot
+  print(aot.compile_train_step(cfg, args.topology).text())
+  return 0
+
+
 def _bench_flags(p: argparse.ArgumentParser, spec_class):
   """One flag per field of a bench spec; tuples are comma-separated lists."""
   hints = typing.get_type_hints(spec_class)
@@ -247,6 +255,12 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
   _cluster_args(s)
   s.set_defaults(func=cmd_sweep)
+  s = add("compile", help="compile the train step ahead of time for a TPU pod "
+          "topology (needs libtpu, no TPU) and report per-device memory")
+  _config_args(s, True, "config file")
+  s.add_argument("--topology", required=True, metavar="PLATFORM:SHAPE",
+                 help="e.g. v5p:2x4x4 (a v5p-64 slice: 32 chips), v5e:4x4, or cpu:8")
+  s.set_defaults(func=cmd_compile)
   s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
   from train.bench.mixers import BenchSpec

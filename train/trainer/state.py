@@ -74,8 +74,9 @@ class Setup:
     axes = " x ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
     devices = self.mesh.devices.ravel()
     mib = lambda b: f"{b / 2**20:.2f} MiB"
+    processes = len({d.process_index for d in devices})
     return (f"mesh {axes} over {devices.size} {devices[0].platform} devices in "
-            f"{jax.process_count()} process(es); parameters {mib(per_device)} per "
+            f"{processes} process(es); parameters {mib(per_device)} per "
             f"device of {mib(total)}")
 
   def model(self, state: TrainState) -> DecoderLM:
