@@ -111,3 +111,31 @@ def test_processes_that_disagree_on_the_config_stop(tmp_path, config):
     assert "the 2 processes disagree on the config: process(es) [1]" in out, out
     assert "lr: 0.01" in out and "lr: 0.02" in out, out
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_cluster_flags_are_checked_and_the_environment_detected(tmp_path):
+  from train.distributed import Cluster, detect, tpu_chips_present
+  for flags, match in [(("h:1", None, None), "without --num-processes, --process-id"),
+                       (("h", 2, 0), "must be HOST:PORT"),
+                       (("h:1", 0, 0), "--num-processes=0 must be >= 1"),
+                       (("h:1", 2, 2), r"--process-id=2 must be in \[0, --num-processes=2\)")]:
+    with pytest.raises(configs.ConfigError, match=match):
+      Cluster(*flags)
+  assert detect(Cluster("h:1", 2, 1), {}) == "explicit"
+  slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
+  assert detect(Cluster(), slurm) == "slurm"
+  assert detect(Cluster(), {**slurm, "SLURM_NTASKS": "1"}) in (None, "tpu")
+  (tmp_path / "0000:00:04.0").mkdir()
+  (tmp_path / "0000:00:04.0" / "vendor").write_text("0x8086\n")
+  assert not tpu_chips_present(str(tmp_path))
+  (tmp_path / "0000:00:05.0").mkdir()
+  (tmp_path / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")
+  assert tpu_chips_present(str(tmp_path))
+
+
+def test_cli_rejects_partial_cluster_flags(tmp_path, config, capsys):
+  from train import cli
+  assert cli.main(["train", "--config", config, "--process-id", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("mixerlab train: error: multi-host flags ['process_id'] given "
+                        "without --coordinator, --num-processes")
