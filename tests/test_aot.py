@@ -4,6 +4,7 @@ compile-only topology when libtpu is installed, and local CPU devices with
 the same code always."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -11,6 +12,7 @@ from arches.lm import LMConfig
 from train import aot, configs
 from train.config import Config, MeshConfig, TrainConfig
 
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
@@ -58,3 +60,10 @@ def test_bad_topologies_are_one_line_errors():
   else:
     with pytest.raises(configs.ConfigError, match="needs libtpu"):
       aot.topology_devices("v5p:2x2x1")
+
+
+def test_cli_compile_reports_a_bad_topology_in_one_line(capsys):
+  from train import cli
+  assert cli.main(["compile", "--config", TINY, "--topology", "v5p"]) == 2
+  assert capsys.readouterr().err.startswith(
+      "mixerlab compile: error: --topology='v5p' must be PLATFORM:SHAPE")

@@ -81,6 +81,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   cfg = _load(args)
+  _join_cluster(args)
   from train import loop
   print(json.dumps(loop.evaluate(cfg), indent=1, default=str))
   return 0
@@ -236,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
   s.set_defaults(func=cmd_train)
   s = add("eval", help="evaluate a run's latest checkpoint")
   _config_args(s, True, "config file (e.g. a run's config.yaml)")
+  _cluster_args(s)
   s.set_defaults(func=cmd_eval)
   s = add("sweep", help="run a sweep file; resumable; writes tables and plots")
   s.add_argument("--config", required=True, metavar="PATH",
