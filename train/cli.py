@@ -1,8 +1,9 @@
-"""`mixerlab` command line: train, eval, sweep, bench, mixers.
+"""`mixerlab` command line: train, eval, sweep, compile, bench, mixers.
 
     mixerlab train --config configs/tiny.yaml model.mixer=mamba optimizer.lr=1e-3
     mixerlab eval  --config runs/default/config.yaml
     mixerlab sweep --config configs/sweeps/default.yaml
+    mixerlab compile --topology v5p:2x4x4 --config configs/tiny.yaml mesh.fsdp=8
     mixerlab bench --mixers attention,mamba --lengths 256,1024,4096
     mixerlab bench-moe --experts 8,16,32,64
     mixerlab bench-kernels --ops attention,scan --lengths 1024,4096
@@ -44,8 +45,34 @@ def _load(args) -> "configs.Config":
   return configs.load(args.config, args.overrides)
 
 
+def _cluster_args(p: argparse.ArgumentParser):
+  """Multi-host flags (train/distributed.py); without them the cluster is
+  detected from the environment (SLURM, a TPU VM) or there is one process."""
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address, on every process")
+  p.add_argument("--num-processes", type=int, metavar="N")
+  p.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
+def _cluster(args):
+  from train import distributed
+  return distributed.Cluster(args.coordinator, args.num_processes, args.process_id)
+
+
+def _join_cluster(args) -> None:
+  from train import distributed
+  distributed.initialize(_cluster(args))
+
+
+def _cluster_flags(args) -> list[str]:
+  return [a for flag in ("coordinator", "num_processes", "process_id")
+          if getattr(args, flag) is not None
+          for a in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
+
+
 def cmd_train(args) -> int:
   cfg = _load(args)  # config errors first, before the trainer's heavy imports
+  _join_cluster(args)
   from train import loop
   print(f"run dir: {cfg.train.run_dir}")  # the trainer writes its config.yaml
   print(json.dumps(loop.run(cfg), indent=1, default=str))
@@ -54,31 +81,55 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
   cfg = _load(args)
+  _join_cluster(args)
   from train import loop
   print(json.dumps(loop.evaluate(cfg), indent=1, default=str))
   return 0
 
 
 def cmd_sweep(args) -> int:
-  from train import results, sweep
+  from train import sweep
   sw = sweep.load(args.config)  # a bad sweep file fails here, before any run
   if args.best_lr:
     sw = dataclasses.replace(sw, best_lr=True)
+  if args.executor:
+    sw = dataclasses.replace(sw, executor=dataclasses.replace(sw.executor,
+                                                              name=args.executor))
   out = args.out or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(args.config))[0])
+  if sw.executor.name != "inprocess":  # each run a job; this process drives them
+    from train import sweep_jobs
+    return _report_sweep(sweep_jobs.run(sw, out, sw.executor, args.overrides,
+                                        retry_failed=args.retry_failed,
+                                       only=_globs(args.only)),
+                       out)
   if args.skip is None:  # the supervisor: the runs happen in child processes
+    _cluster(args)  # bad multi-host flags fail here, in one line
     for v in sw.variants:  # a bad run config fails here too, in one line
       sw.config(v, args.overrides)
     worker = [sys.executable, "-m", "train.cli", "sweep", "--config", args.config,
               "--out", out, *(["--best-lr"] if args.best_lr else []),
               *(["--retry-failed"] if args.retry_failed else []),
               *(["--only", args.only] if args.only else []),
-              *(["--debug"] if args.debug else []), *args.overrides]
+              *(["--debug"] if args.debug else []), *_cluster_flags(args),
+              *args.overrides]
     return sweep.supervise(worker, out, sw.timeout_s)
+  _join_cluster(args)
   sweep.use_compile_cache(out)
-  res = sweep.run_sweep(sw, out, args.overrides, skip=[s for s in args.skip.split(",") if s],
-                        retry_failed=args.retry_failed,
-                        only=[g for g in (args.only or "").split(",") if g])
+  return _report_sweep(sweep.run_sweep(sw, out, args.overrides,
+                                       skip=[s for s in args.skip.split(",") if s],
+                                       retry_failed=args.retry_failed,
+                                       only=_globs(args.only)),
+                       out)
+
+
+def _globs(text: str | None) -> list[str]:
+  return [g for g in (text or "").split(",") if g]
+
+
+def _report_sweep(res: dict, out: str) -> int:
+  """Print a finished sweep's tables and files; 1 if any run is not done."""
+  from train import results, sweep
   print("\n" + results.markdown(res["shown"], caption=res["caption"]))
   if res["seeds"]:
     print(results.markdown(res["seeds"], results.SEED_COLUMNS))
@@ -88,6 +139,13 @@ def cmd_sweep(args) -> int:
     print(f"{len(failed)} run(s) not done: {', '.join(failed)} "
           f"(errors in {os.path.join(out, sweep.STATE)})")
   return 1 if failed else 0
+
+
+def cmd_compile(args) -> int:
+  cfg = _load(args)
+  from train import aot
+  print(aot.compile_train_step(cfg, args.topology).text())
+  return 0
 
 
 def _bench_flags(p: argparse.ArgumentParser, spec_class):
@@ -184,9 +242,11 @@ def parser() -> argparse.ArgumentParser:
   add = functools.partial(sub.add_parser, parents=[common])
   s = add("train", help="train one model from config files")
   _config_args(s, True, "config file")
+  _cluster_args(s)
   s.set_defaults(func=cmd_train)
   s = add("eval", help="evaluate a run's latest checkpoint")
   _config_args(s, True, "config file (e.g. a run's config.yaml)")
+  _cluster_args(s)
   s.set_defaults(func=cmd_eval)
   s = add("sweep", help="run a sweep file; resumable; writes tables and plots")
   s.add_argument("--config", required=True, metavar="PATH",
@@ -201,8 +261,20 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--only", metavar="GLOBS",
                  help="run only the runs whose names match one of these "
                  "comma-separated glob patterns (others are left as they are)")
+  from train.sweep import EXECUTORS
+  s.add_argument("--executor", choices=EXECUTORS,
+                 help="run each variant as a submitit job (local or slurm) instead "
+                      "of in a supervised worker; overrides the sweep file's "
+                      "executor.name (see train/sweep_jobs.py)")
   s.add_argument("--skip", help=argparse.SUPPRESS)  # set by the supervisor for its worker
+  _cluster_args(s)
   s.set_defaults(func=cmd_sweep)
+  s = add("compile", help="compile the train step ahead of time for a TPU pod "
+          "topology (needs libtpu, no TPU) and report per-device memory")
+  _config_args(s, True, "config file")
+  s.add_argument("--topology", required=True, metavar="PLATFORM:SHAPE",
+                 help="e.g. v5p:2x4x4 (a v5p-64 slice: 32 chips), v5e:4x4, or cpu:8")
+  s.set_defaults(func=cmd_compile)
   s = add("bench", help="time/memory vs sequence length, decode vs context")
   _config_args(s, False, "bench the mixers of this config at its width and dtype")
   from train.bench.mixers import BenchSpec

@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from train import configs, data
+from train import configs, data, distributed
 from train.trainer import rundir
 from train.trainer import eval as evaluation
 from train.trainer.checkpoint import Checkpointer
@@ -228,9 +228,11 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   list of host batches (this process's rows); `data_info` is written to
   run_dir/data.json."""
   tc = cfg.train
+  distributed.check_same_config(configs.dumps(cfg))  # before any process writes
   changes = rundir.check_resume(cfg, data_info)
   trainer = Trainer(cfg, train_iter, eval_batches)  # checks shapes, makes run_dir
   if jax.process_index() == 0:  # the run record, once the resume check passed
+    print(trainer.setup.layout(), flush=True)
     configs.save(cfg, tc.run_dir)
     _write_json(os.path.join(tc.run_dir, rundir.DATA_RECORD), data_info)
   state, start, skipped = trainer.restore_or_init()

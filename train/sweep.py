@@ -16,6 +16,8 @@ A sweep file (YAML):
       - {model.d_model: 128}
     best_lr: true                   # also keep the best lr per other setting
     timeout_s: 300                  # a run still going after this is failed
+    executor: {name: slurm, workers: 8, params: {slurm_partition: gpu}}
+                                    # optional: runs as cluster jobs (sweep_jobs.py)
 
 Paths are relative to the sweep file. A grid key with a dot is a config
 key; any other key names an axis of config files, except `mixer:
@@ -72,6 +74,39 @@ class Variant:
   overrides: tuple[str, ...]
 
 
+EXECUTORS = ("inprocess", "local", "slurm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+  """Where the runs go (train/sweep_jobs.py): "inprocess" (`run_sweep`
+  under `supervise`), or submitit jobs, `workers` at a time, on "local"
+  subprocesses or "slurm"; `params` go to submitit as they are."""
+  name: str = "inprocess"
+  workers: int = 1
+  params: Mapping = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.name not in EXECUTORS:
+      raise configs.ConfigError(f"executor.name={self.name!r} must be one of {EXECUTORS}")
+    if not isinstance(self.workers, int) or self.workers < 1:
+      raise configs.ConfigError(f"executor.workers={self.workers!r} must be an int >= 1")
+    if not isinstance(self.params, Mapping):
+      raise configs.ConfigError(f"executor.params={self.params!r} must be a mapping "
+                                "of submitit parameters (e.g. {slurm_partition: gpu})")
+
+  @classmethod
+  def from_yaml(cls, raw) -> Executor:
+    if not isinstance(raw, Mapping):
+      raise configs.ConfigError(f"executor: {raw!r} must be a mapping with keys "
+                                "name, workers, params")
+    unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise configs.ConfigError(f"executor: unknown keys {sorted(unknown)}; "
+                                "allowed: name, workers, params")
+    return cls(**raw)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sweep:
   path: str
@@ -79,7 +114,8 @@ class Sweep:
   base_inline: dict
   variants: tuple[Variant, ...]
   best_lr: bool
-  timeout_s: float | None  # per run, enforced by `supervise`
+  timeout_s: float | None  # per run, enforced by `supervise` or the job executor
+  executor: Executor = Executor()
 
   def config(self, v: Variant, overrides: Sequence[str] = ()) -> Config:
     """The run's Config; the inline base (if any) is merged first."""
@@ -140,7 +176,7 @@ def _variant_part(spec: Mapping, here: str) -> tuple[str, dict]:
   return label, {"files": files, "overrides": overrides}
 
 
-SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s",
+SWEEP_KEYS = ("base", "overrides", "grid", "variants", "best_lr", "timeout_s", "executor",
               "mixer_options")
 
 
@@ -185,7 +221,7 @@ def load(path: str) -> Sweep:
     raise configs.ConfigError(f"{path}: several runs are named {dupes}; give "
                               "the variants distinct `name`s")
   return Sweep(path, base_files, inline, tuple(variants), bool(raw.get("best_lr", False)),
-               raw.get("timeout_s"))
+               raw.get("timeout_s"), Executor.from_yaml(raw.get("executor", {})))
 
 
 # -- running -----------------------------------------------------------------
@@ -226,7 +262,7 @@ def trainer_run(cfg: Config) -> dict:
   return loop.run(cfg)
 
 
-def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
+def attempt(cfg: Config, run_fn, entry: dict, log) -> None:
   """Run one variant, recording the outcome in `entry`. Python errors are
   caught; a hard crash (segfault, abort) kills the process, but faulthandler
   has written the Python stack to the run's traceback.txt first."""
@@ -246,48 +282,74 @@ def _attempt(cfg: Config, run_fn, entry: dict, log) -> None:
   entry.update(status=DONE, summary=summary, wall_s=time.time() - entry["started"])
 
 
-def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
-              run_fn: Callable[[Config], dict] = trainer_run,
-              log: Callable[[str], None] = print, skip: Sequence[str] = (),
-              retry_failed: bool = False, only: Sequence[str] = ()) -> dict:
-  """Run every variant not done (nor failed, unless retry_failed, nor in
-  `skip`, nor left out by `only`: glob patterns on run names, e.g. to add
-  runs to a sweep measured before) into out/runs/<name>, in this process;
-  write the tables
-  (`results.write`) and plots under out and return results.write's dict,
-  the plots among its files."""
+def plan(sweep: Sweep, out: str, overrides: Sequence[str] = (), skip: Sequence[str] = (),
+         retry_failed: bool = False, log: Callable[[str], None] = print,
+         only: Sequence[str] = ()) -> tuple[dict[str, Config], dict, list[Variant]]:
+  """(config per run, the state file's contents, the variants to run now:
+  not done, nor failed unless retry_failed, nor in `skip`, nor left out by
+  `only`: glob patterns on run names, e.g. to add runs to a sweep measured
+  before). A run whose config changed since the state file recorded it is
+  refused."""
   os.makedirs(out, exist_ok=True)
   cfgs = {v.name: configs.replace(sweep.config(v, overrides), train={
       "run_dir": os.path.join(out, "runs", v.name)}) for v in sweep.variants}
-  state = _read_state(out)
+  state, todo = _read_state(out), []
   for i, v in enumerate(sweep.variants):
-    cfg, entry = cfgs[v.name], state.get(v.name, {})
-    h = config_hash(cfg)
-    if entry and entry.get("config_hash") != h:
+    entry = state.get(v.name, {})
+    if entry and entry.get("config_hash") != config_hash(cfgs[v.name]):
       raise configs.ConfigError(
           f"run {v.name!r} in {out} was started with a different config; use "
           "another output directory or delete that run's directory and entry")
     status = entry.get("status")
     if status == DONE or (status == FAILED and not retry_failed) or v.name in skip:
       log(f"[{i + 1}/{len(cfgs)}] {v.name}: {entry.get('status')}, skipped")
-      continue
-    if only and not any(fnmatch.fnmatchcase(v.name, g) for g in only):
+    elif only and not any(fnmatch.fnmatchcase(v.name, g) for g in only):
       log(f"[{i + 1}/{len(cfgs)}] {v.name}: not in --only, skipped")
-      continue
-    log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if entry else 'starting'}")
-    state[v.name] = {"status": RUNNING, "config_hash": h, "labels": v.labels,
-                     # for `supervise`: which run a crashed or hung child was in
-                     "pid": os.getpid(), "started": time.time()}
-    _write_json(os.path.join(out, STATE), state)
-    os.makedirs(cfg.train.run_dir, exist_ok=True)  # the trainer writes its config.yaml
-    _attempt(cfg, run_fn, state[v.name], log)
-    _write_json(os.path.join(out, STATE), state)
+    else:
+      todo.append(v)
+  return cfgs, state, todo
+
+
+def mark_running(state: dict, out: str, v: Variant, cfg: Config, **where) -> dict:
+  """Record `v` as running (`where`: the process or job it runs in) and
+  return its entry."""
+  state[v.name] = {"status": RUNNING, "config_hash": config_hash(cfg), "labels": v.labels,
+                   "started": time.time(), **where}
+  write_state(state, out)
+  os.makedirs(cfg.train.run_dir, exist_ok=True)  # the trainer writes its config.yaml
+  return state[v.name]
+
+
+def write_state(state: dict, out: str) -> None:
+  _write_json(os.path.join(out, STATE), state)
+
+
+def tables(sweep: Sweep, cfgs: dict[str, Config], state: dict, out: str) -> dict:
+  """Write the tables (`results.write`) and plots under out and return
+  results.write's dict, the plots among its files."""
   rows = [results.row(v.name, v.labels, cfgs[v.name], state.get(v.name, {}))
           for v in sweep.variants]
   written = results.write(rows, out, best_lr=sweep.best_lr)
   from train import plots  # matplotlib only when writing
   written["files"] += plots.sweep_plots(written["shown"], out)
   return written
+
+
+def run_sweep(sweep: Sweep, out: str, overrides: Sequence[str] = (),
+              run_fn: Callable[[Config], dict] = trainer_run,
+              log: Callable[[str], None] = print, skip: Sequence[str] = (),
+              retry_failed: bool = False, only: Sequence[str] = ()) -> dict:
+  """Run every variant `plan` gives into out/runs/<name>, one after another
+  in this process, then write the tables (see `tables`)."""
+  cfgs, state, todo = plan(sweep, out, overrides, skip, retry_failed, log, only)
+  for v in todo:
+    i = sweep.variants.index(v)
+    log(f"[{i + 1}/{len(cfgs)}] {v.name}: {'resuming' if v.name in state else 'starting'}")
+    # pid: for `supervise`, which run a crashed or hung child was in
+    entry = mark_running(state, out, v, cfgs[v.name], pid=os.getpid())
+    attempt(cfgs[v.name], run_fn, entry, log)
+    write_state(state, out)
+  return tables(sweep, cfgs, state, out)
 
 
 def _running_in(out: str, pid: int) -> tuple[str, dict] | None:

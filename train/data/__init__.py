@@ -336,6 +336,16 @@ def check_compatible(data_cfg, model_cfg) -> None:
     check_packing_supported(model_cfg)
 
 
+def batch_dtypes(cfg) -> dict[str, np.dtype]:
+  """The arrays of a batch (each [B, L]) and their dtypes, as the streams
+  below produce them: for compiling a step without reading any data."""
+  out = {"inputs": np.dtype(np.int32), "targets": np.dtype(np.int32),
+         "loss_mask": np.dtype(np.float32)}
+  if cfg.pack:
+    out["segment_ids"] = np.dtype(np.int32)
+  return out
+
+
 def describe(cfg) -> dict:
   """A JSON-able record of the data a run uses."""
   record = {"task": cfg.task, "vocab_size": vocab_size_for(cfg), "seq_len": cfg.seq_len}

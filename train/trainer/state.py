@@ -8,6 +8,7 @@ module inside the trace, so nothing walks the object graph per step.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -57,6 +58,26 @@ class Setup:
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+  def param_bytes(self) -> tuple[int, int]:
+    """(bytes of the parameters on one device, bytes in all): what the
+    mesh layout splits (optimizer moments follow the same split)."""
+    leaves = jax.tree.leaves(self.abstract_state.params)
+    total = sum(x.size * x.dtype.itemsize for x in leaves)
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x in leaves)
+    return per_device, total
+
+  def layout(self) -> str:
+    """One line for the start of a run: the mesh and what one device holds."""
+    per_device, total = self.param_bytes()
+    axes = " x ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
+    devices = self.mesh.devices.ravel()
+    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    processes = len({d.process_index for d in devices})
+    return (f"mesh {axes} over {devices.size} {devices[0].platform} devices in "
+            f"{processes} process(es); parameters {mib(per_device)} per "
+            f"device of {mib(total)}")
 
   def model(self, state: TrainState) -> DecoderLM:
     """The module holding `state`'s weights (e.g. for arches.generate)."""
