@@ -72,7 +72,8 @@ def _fmt(x, spec="{:.4f}"):
   return "" if x is None else spec.format(x)
 
 
-def markdown(rows: list[dict], sw: sweeps.Sweep, out: str, report: str) -> str:
+def markdown(rows: list[dict], sw: sweeps.Sweep, out: str, report: str,
+             previous: str | None = None) -> str:
   cfg = sw.config(sw.variants[0])
   m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optimizer
   done = sum(r["verdict"] != "not run" for r in rows)
@@ -82,8 +83,10 @@ def markdown(rows: list[dict], sw: sweeps.Sweep, out: str, report: str) -> str:
   lines = [
       "# bf16 soak: final validation loss, fp32 vs bf16 compute", "",
       "```bash",
-      f"mixerlab sweep --config {sw.path} --out {out}",
-      f"python -m train.soak {out} {report}",
+      f"mixerlab sweep --config {sw.path} --out {out}"
+      + (" --only <the mixers not in the previous report>" if previous else ""),
+      f"python -m train.soak {out} {report}"
+      + (f" --previous {previous}" if previous else ""),
       "```", "",
       f"- Conditions: {d.task} task (embedded corpus), d_model {m.d_model}, "
       f"{m.n_layers} layers, seq {d.seq_len}, batch {t.batch_size}, {t.steps} "
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     with open(args.previous) as f:
       rows = with_previous(rows, json.load(f)["rows"])
   os.makedirs(args.report_dir, exist_ok=True)
-  text = markdown(rows, sw, args.sweep_dir, args.report_dir)
+  text = markdown(rows, sw, args.sweep_dir, args.report_dir, args.previous)
   with open(os.path.join(args.report_dir, "bf16_soak.md"), "w") as f:
     f.write(text)
   with open(os.path.join(args.report_dir, "bf16_soak.json"), "w") as f:
