@@ -1,5 +1,6 @@
 """`mixers.state_bytes`: decode-state bytes per sequence, measured from the
-cache a module allocates."""
+cache a module allocates. Modules are built abstractly (`nnx.eval_shape`):
+sizing a cache needs no weights."""
 
 import jax.numpy as jnp
 import pytest
@@ -12,13 +13,14 @@ from layers import mixers
 def test_attention_kv_cache_is_two_l_h_d_bytes():
   # 4 query heads sharing 2 kv heads of 16 channels: the cache holds k and v
   # for the kv heads only; the int32 position counter is shared by the batch.
-  m = mixers.build("attention", 64, rngs=nnx.Rngs(0), num_heads=4, num_kv_heads=2)
+  m = nnx.eval_shape(lambda: mixers.build("attention", 64, rngs=nnx.Rngs(0), num_heads=4,
+                                           num_kv_heads=2))
   for context, dtype, size in [(100, jnp.float32, 4), (100, jnp.bfloat16, 2), (257, jnp.float32, 4)]:
     assert mixers.state_bytes(m, context, dtype) == 2 * context * 2 * 16 * size
 
 
 def test_recurrent_state_is_constant_in_context():
-  m = mixers.build("mamba", 32, rngs=nnx.Rngs(0))
+  m = nnx.eval_shape(lambda: mixers.build("mamba", 32, rngs=nnx.Rngs(0)))
   short, long = mixers.state_bytes(m, 16), mixers.state_bytes(m, 4096)
   assert short == long > 0
 
@@ -50,7 +52,7 @@ def test_counts_every_per_sequence_leaf_and_no_shared_one(extra):
 def test_whole_model_is_the_sum_of_its_layers_at_its_dtype():
   cfg = LMConfig(vocab_size=32, d_model=32, n_layers=3, dtype="bfloat16",
                  mixer=["mamba", {"name": "attention", "num_heads": 2}, "mamba"])
-  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
   layers = sum(mixers.state_bytes(b.mixer, 64, jnp.bfloat16) for b in model.blocks)
   assert mixers.state_bytes(model, 64) == layers
   assert mixers.state_bytes(model, 128) - mixers.state_bytes(model, 64) == 2 * 64 * 32 * 2
