@@ -3,6 +3,7 @@
     from layers import mixers
     mixers.names()                       # ['attention', ...]
     m = mixers.build("attention", 64, rngs=nnx.Rngs(0), num_heads=4)
+    mixers.state_bytes(m, context=1024)  # decode-state bytes per sequence
 
 Adding a mixer: write one module in this package that subclasses
 `layers.mixers.base.Mixer` and decorate the class with
@@ -18,7 +19,7 @@ import pkgutil
 
 from flax import nnx
 
-from layers.mixers.base import Mixer, MixerInfo
+from layers.mixers.base import Mixer, MixerInfo, state_bytes
 from layers.registry import Registry
 
 

@@ -30,6 +30,7 @@ the outputs of an overflowing call are NaN instead of silently wrong.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -112,6 +113,25 @@ class Mixer(nnx.Module):
     if segment_ids.shape != x.shape[:2]:
       raise ValueError(f"{name}: segment_ids shape {segment_ids.shape} must be "
                        f"[batch, length] = {x.shape[:2]}")
+
+
+def state_bytes(module: Any, context: int, dtype=None) -> int:
+  """Bytes of decode state one sequence holds after `context` tokens,
+  measured from the cache `module.init_cache` allocates, not declared.
+
+  `module` is a mixer or anything with `init_cache(batch_size, max_len,
+  dtype)` (a whole `arches.lm.DecoderLM`); `dtype` None keeps the module's
+  own default (a model's compute dtype). The cache for two sequences minus
+  the cache for one, so counters shared by the batch (a cache's `pos`) do
+  not count. Shapes only (`jax.eval_shape`): nothing is allocated, so a
+  long context costs nothing to measure.
+  """
+  def total(batch_size: int) -> int:
+    args = (batch_size, context) if dtype is None else (batch_size, context, dtype)
+    shapes = jax.eval_shape(lambda: module.init_cache(*args))
+    return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+               for s in jax.tree.leaves(shapes))
+  return total(2) - total(1)
 
 
 def check_room(pos: jax.Array, length: int, max_len: int, who: str) -> None:
