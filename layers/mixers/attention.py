@@ -29,7 +29,10 @@ class Attention(Mixer):
   block, take causality, segments and ALiBi slopes as positions and ids,
   and never build an L x L mask or score matrix; the backward recomputes
   the scores. Decode O(L) per token over the filled part of a KV cache of
-  2 * max_len * num_kv_heads * head_dim values.
+  2 * max_len * num_kv_heads * head_dim values. Split along the length (a
+  "sequence" mesh axis > 1) a full-sequence call is ring attention
+  (`layers.kernels.context_parallel`) over the blockwise kernel, whatever
+  `kernel` names.
 
   Options (`AttentionOptions`): num_heads, num_kv_heads, head_dim,
   position (a score bias must be linear in distance, i.e. the scheme has
