@@ -31,7 +31,7 @@ from flax.core import FrozenDict
 
 from arches.validation import (ConfigError, above, at_least, check_fields, one_of,
                                optional)
-from layers import channel, mixers, norms
+from layers import channel, mixers, norms, parallel
 from layers.params import Dense, Embed, count_params, fan_in_init
 
 Spec = str | Mapping
@@ -246,7 +246,11 @@ class DecoderLM(nnx.Module):
   def with_aux(self, tokens_BxL, *, segment_ids=None) -> tuple[jax.Array, dict]:
     """(logits [B, L, vocab] fp32, aux): aux maps the index of each layer
     whose channel mixer has auxiliary outputs to them (see module doc)."""
-    x = self.embed_tokens(tokens_BxL)
+    # Pinned at every block boundary: batch and length split as the layout
+    # says (layers.parallel; no-op on one device), d_model whole.
+    pin = lambda x_BxLxD: parallel.constrain(x_BxLxD, parallel.BATCH,
+                                             parallel.LENGTH, None)
+    x = pin(self.embed_tokens(tokens_BxL))
     aux = {}
     for i, block in enumerate(self.blocks):
       if self.cfg.remat:  # a pure function of the block's state: nothing to write back
@@ -255,6 +259,7 @@ class DecoderLM(nnx.Module):
             x, segment_ids=s))(state, x, segment_ids)
       else:
         x, a = block.with_aux(x, segment_ids=segment_ids)
+      x = pin(x)
       if a is not None:
         aux[i] = a
     return self.logits(x), aux

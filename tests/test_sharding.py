@@ -34,11 +34,12 @@ def test_partition_spec_follows_rules_and_divisibility():
 
 
 def test_mesh_errors_name_the_problem():
-  assert dict(make_mesh(MeshConfig()).shape) == {"data": len(jax.devices()), "fsdp": 1,
-                                                 "expert": 1}
+  assert dict(make_mesh(MeshConfig()).shape) == {
+      "data": len(jax.devices()), "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}
   with pytest.raises(ValueError, match="fsdp=3 must be >= 1 and divide"):
     make_mesh(MeshConfig(fsdp=3), jax.devices() * 4)
-  with pytest.raises(ValueError, match="needs 8 devices; 1 are available"):
+  with pytest.raises(ValueError, match="makes 8 devices; the mesh must cover the 1 "
+                     "available"):
     make_mesh(MeshConfig(data=8), jax.devices()[:1])
 
 

@@ -106,16 +106,20 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+  """Mesh axis sizes (see train/trainer/sharding.py); their product must be
+  the device count."""
   data: int = -1              # -1: all devices not used by other axes
   fsdp: int = 1
   expert: int = 1             # expert parallelism: MoE experts split over it
+  sequence: int = 1           # context parallelism: each row's length split over it
+  tensor: int = 1             # tensor parallelism: heads and hidden units split over it
   # logical axis name -> mesh axis; unnamed axes are replicated
-  rules: dict = dataclasses.field(
-      default_factory=lambda: {"embed": "fsdp", "experts": "expert"})
+  rules: dict = dataclasses.field(default_factory=lambda: dict(sharding.DEFAULT_RULES))
 
   def __post_init__(self):
-    check_fields(self, "mesh", fsdp=at_least(1), expert=at_least(1), data=Rule(
-        lambda v: v == -1 or v >= 1, "-1 (every device fsdp and expert leave) or >= 1"))
+    check_fields(self, "mesh", fsdp=at_least(1), expert=at_least(1),
+                 sequence=at_least(1), tensor=at_least(1), data=Rule(
+        lambda v: v == -1 or v >= 1, "-1 (every device the other axes leave) or >= 1"))
     sharding.check_rules(self.rules)
 
 
@@ -132,3 +136,4 @@ class Config:
     for scheme in self.train.eval_positions:  # the model must have RoPE layers
       extend_rope(self.model, scheme, 2.0, self.data.seq_len)
     sharding.check_expert_parallel(self.model, self.mesh.expert)
+    sharding.check_parallel(self.model, self.mesh, self.data.seq_len)

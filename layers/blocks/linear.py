@@ -6,9 +6,12 @@ based."""
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from layers.blocks.recurrent import RecurrentMixer, head_dense
+from layers.kernels import context_parallel
 from layers.kernels import linear_attention as la
 from layers.params import Dense
 
@@ -35,9 +38,21 @@ class LinearMixer(RecurrentMixer):
 
   def attend(self, q, k, v, segment_ids, state, log_decay=None):
     """The shared kernel with the configured choice; returns (o, state)."""
-    return la.causal_linear_attention(
-        q, k, v, log_decay=log_decay, segment_ids=segment_ids, state=state,
-        form=self.kernel, chunk_size=self.chunk_size)
+    return self.run_kernel(la.causal_linear_attention, q, k, v, segment_ids,
+                           state, log_decay)
+
+  def run_kernel(self, fn, q, k, v, segment_ids, state, log_decay):
+    """`fn` (a LINEAR_ATTENTION entry point) with the configured form, on
+    one device or split along the length
+    (`layers.kernels.context_parallel`)."""
+    kernel = functools.partial(fn, form=self.kernel, chunk_size=self.chunk_size)
+    layout = context_parallel.length_layout()
+    if layout is None:
+      return kernel(q, k, v, log_decay=log_decay, segment_ids=segment_ids,
+                    state=state)
+    return context_parallel.linear_attention(
+        layout, kernel, q, k, v, log_decay=log_decay, segment_ids=segment_ids,
+        state=state)
 
   def zero_state(self, batch_size, dtype):
     return jnp.zeros((batch_size, self.num_heads, self.key_dim, self.head_dim),
@@ -71,9 +86,8 @@ class FeatureAttention(LinearMixer):
 
   def attend(self, fq, fk, v, segment_ids, state, log_decay=None):
     """Normalized linear attention of features fq, fk [B, L, H, F]."""
-    return la.normalized_linear_attention(
-        fq, fk, v, log_decay=log_decay, segment_ids=segment_ids, state=state,
-        form=self.kernel, chunk_size=self.chunk_size)
+    return self.run_kernel(la.normalized_linear_attention, fq, fk, v,
+                           segment_ids, state, log_decay)
 
   def flops_per_token(self, seq_len):
     return self.projection_flops() + self.kernel_flops(

@@ -12,8 +12,8 @@ the experts' weights `w` (layers/channel/experts.py):
              block's residual carries it through). Tokens are packed into
              an [E, capacity] buffer per row, the experts run as one
              batched matmul, and the outputs are gathered back. Under
-             `expert_parallel(mesh)` with an expert axis > 1 it runs inside
-             `shard_map`: the buffers travel to their experts' devices and
+             a layout (`layers.parallel`) with an expert axis > 1 it runs
+             inside `shard_map`: the buffers travel to their experts' devices and
              back with `all_to_all` over that axis.
   dropless   every assignment kept: the assignments of the whole batch are
              sorted by expert and multiplied group by group
@@ -25,14 +25,13 @@ is split over devices: one device and eight drop the same tokens.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from layers import parallel
 from layers.channel.experts import GROUPED, batched, dense_all
 from layers.channel.routers import Routing
 
@@ -40,27 +39,15 @@ F32 = jnp.float32
 EXPERT_AXIS = "expert"  # the mesh axis expert parallelism shards experts over
 DISPATCHES = ("dropless", "capacity", "dense")
 
-_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
-    "expert_mesh", default=None)
 
-
-@contextlib.contextmanager
-def expert_parallel(mesh: Mesh):
-  """While tracing inside this block, capacity dispatch on a mesh whose
-  EXPERT_AXIS is > 1 sends tokens to their experts' devices. The batch is
-  expected split over every mesh axis and expert weights over EXPERT_AXIS
+def expert_layout() -> parallel.Layout | None:
+  """The current layout if its expert axis is > 1. The batch is expected
+  split over the layout's "batch" axes and expert weights over EXPERT_AXIS
   (train.sharding's layout); other layouts are resharded to those."""
-  token = _MESH.set(mesh)
-  try:
-    yield
-  finally:
-    _MESH.reset(token)
-
-
-def expert_mesh() -> Mesh | None:
-  """The mesh of the enclosing `expert_parallel` if its expert axis is > 1."""
-  mesh = _MESH.get()
-  return mesh if mesh is not None and mesh.shape.get(EXPERT_AXIS, 1) > 1 else None
+  layout = parallel.current()
+  if layout is None or layout.mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    return None
+  return layout
 
 
 def capacity_of(length: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -127,12 +114,12 @@ def _run_sharded(w):
 def capacity(x_BxLxD: jax.Array, r: Routing, w: dict, cap: int) -> jax.Array:
   """Capacity dispatch with `cap` slots per expert and row (see module doc)."""
   E = w["up"].shape[0]
-  mesh = expert_mesh()
-  if mesh is None:
+  layout = expert_layout()
+  if layout is None:
     return _capacity(x_BxLxD, r, cap, E, _run_local(w))
-  batch = P(tuple(mesh.axis_names))
+  batch = layout.spec(parallel.BATCH)  # rows whole: capacity is per row
   local = lambda x, r, w: _capacity(x, r, cap, E, _run_sharded(w))
-  return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, P(EXPERT_AXIS)),
+  return jax.shard_map(local, mesh=layout.mesh, in_specs=(batch, batch, P(EXPERT_AXIS)),
                        out_specs=batch)(x_BxLxD, r.replace(probs=None), w)
 
 

@@ -50,12 +50,21 @@ BLOCK_K = 256
 
 
 @attention_call.checked
-def attention(q, k, v, *, causal=True, q_offset=0, window=None,
-              q_segment_ids=None, kv_segment_ids=None, alibi_slopes=None,
-              softcap=None, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K):
+def attention(q, k, v, **call):
   """Softmax attention computed block by block (semantics in
   `layers.kernels.attention_call`). `alibi_slopes` are constants: no
   gradient flows to them."""
+  return attention_lse(q, k, v, **call)[0]
+
+
+@attention_call.checked
+def attention_lse(q, k, v, *, causal=True, q_offset=0, window=None,
+                  q_segment_ids=None, kv_segment_ids=None, alibi_slopes=None,
+                  softcap=None, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K):
+  """(o [B, T, H, K], lse [B, T, H] fp32): `attention` and each row's
+  log-sum-exp of its scaled scores (-inf for a row that sees no key), both
+  differentiable, so that partial results over disjoint key sets combine
+  exactly (ring attention, `layers.kernels.context_parallel`)."""
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if not (isinstance(size, int) and size >= 1):
       raise ValueError(f"attention: {name} must be an int >= 1, got {size!r}")
@@ -73,10 +82,14 @@ def attention(q, k, v, *, causal=True, q_offset=0, window=None,
   if alibi_slopes is not None:
     slopes = jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
     slopes = slopes.reshape(G, H // G)
-  ob = _blockwise(plan, qb, kb, vb, jnp.asarray(q_offset, jnp.int32), segs,
-                  slopes)  # [nq, B, G, R, bq, K]
+  ob, lse = _blockwise(plan, qb, kb, vb, jnp.asarray(q_offset, jnp.int32), segs,
+                       slopes)  # [nq, B, G, R, bq, K], [nq, B, G, R, bq]
   o = jnp.moveaxis(jnp.moveaxis(ob, -2, 2), 0, 1)  # [B, nq, bq, G, R, K]
-  return o.reshape(B, -1, H, K)[:, :T]
+  lse = jnp.moveaxis(jnp.moveaxis(lse, -1, 2), 0, 1)  # [B, nq, bq, G, R]
+  lse = lse.reshape(B, -1, H)[:, :T]
+  # The forward keeps +inf for rows that see no key (their recomputed
+  # probabilities are 0); as a statistic such a row weighs nothing.
+  return o.reshape(B, -1, H, K)[:, :T], jnp.where(lse == jnp.inf, -jnp.inf, lse)
 
 
 def _split(x, size):
@@ -209,18 +222,20 @@ def _forward(plan, qb, kb, vb, q_offset, segs, slopes):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _blockwise(plan, qb, kb, vb, q_offset, segs, slopes):
-  return _forward(plan, qb, kb, vb, q_offset, segs, slopes)[0]
+  return _forward(plan, qb, kb, vb, q_offset, segs, slopes)
 
 
 def _blockwise_fwd(plan, qb, kb, vb, q_offset, segs, slopes):
   ob, lse = _forward(plan, qb, kb, vb, q_offset, segs, slopes)
-  return ob, (qb, kb, vb, ob, lse, q_offset, segs, slopes)
+  return (ob, lse), (qb, kb, vb, ob, lse, q_offset, segs, slopes)
 
 
-def _blockwise_bwd(plan, residuals, dob):
+def _blockwise_bwd(plan, residuals, cotangents):
   qb, kb, vb, ob, lse, q_offset, segs, slopes = residuals
+  dob, dlse = cotangents
+  # d lse / d s = p, so an lse cotangent shifts dS = P * (dP - D) by it.
   delta = jnp.einsum("...k,...k->...", dob.astype(jnp.float32),
-                     ob.astype(jnp.float32))  # [nq, B, G, R, bq]
+                     ob.astype(jnp.float32)) - dlse  # [nq, B, G, R, bq]
 
   def key_block(dq, xs):
     j, k_j, v_j = xs

@@ -8,6 +8,7 @@ from flax import nnx
 from layers import positions
 from layers.blocks.attention import (AttentionOptions, KVCache, QKVProjection,
                                      build_position)
+from layers.kernels import context_parallel
 from layers.kernels.attention import ATTENTION, attend
 from layers.mixers import register
 from layers.mixers.base import (Mixer, MixerInfo, check_room, poison_overflow,
@@ -28,7 +29,10 @@ class Attention(Mixer):
   block, take causality, segments and ALiBi slopes as positions and ids,
   and never build an L x L mask or score matrix; the backward recomputes
   the scores. Decode O(L) per token over the filled part of a KV cache of
-  2 * max_len * num_kv_heads * head_dim values.
+  2 * max_len * num_kv_heads * head_dim values. Split along the length (a
+  "sequence" mesh axis > 1) a full-sequence call is ring attention
+  (`layers.kernels.context_parallel`) over the blockwise kernel, whatever
+  `kernel` names.
 
   Options (`AttentionOptions`): num_heads, num_kv_heads, head_dim,
   position (a score bias must be linear in distance, i.e. the scheme has
@@ -38,7 +42,8 @@ class Attention(Mixer):
 
   info = MixerInfo(family="attention", paper="Vaswani et al. 2017, "
                    "arXiv:1706.03762", train_cost="quadratic",
-                   decode_state="length", supports_segments=True)
+                   decode_state="length", supports_segments=True,
+                   tensor_parallel=True, sequence_parallel=True)
   kernel_ops = {"kernel": ATTENTION}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs,
@@ -70,8 +75,14 @@ class Attention(Mixer):
       pos = (positions_for(x) if segment_ids is None
              else positions.segment_positions(segment_ids))
       q, k = self.position.queries(q, pos), self.position.keys(k, pos)
-      o = self.attend(q, k, v, q_segment_ids=segment_ids,
-                      kv_segment_ids=segment_ids)
+      layout = context_parallel.length_layout()
+      if layout is None:
+        o = self.attend(q, k, v, q_segment_ids=segment_ids,
+                        kv_segment_ids=segment_ids)
+      else:  # split along the length: ring attention
+        o = context_parallel.ring_attention(
+            layout, q, k, v, q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids, alibi_slopes=self.position.slopes())
       return self.proj.o(o)
 
     check_room(cache.pos, L, cache.max_len, "attention")

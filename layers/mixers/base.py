@@ -12,7 +12,11 @@ sequence in pieces gives the full-sequence outputs. Caches are
 `flax.struct` dataclasses (pytrees of arrays), so they jit, donate and
 shard like parameters.
 
-Class metadata (`info`) declares the family, the paper and the costs;
+Class metadata (`info`) declares the family, the paper, the costs and
+which kinds of model parallelism the mixer runs under (`tensor_parallel`:
+its weights split by heads over a "tensor" mesh axis, Megatron style, every
+head's work on one device; `sequence_parallel`: a full-sequence call split
+along the length over a "sequence" axis, `layers.kernels.context_parallel`);
 `flops_per_token(seq_len)` gives model FLOPs per token for MFU. Options are
 the keyword arguments of `__init__` (an options dataclass among them, e.g.
 `layers.blocks.attention.AttentionOptions`, gives its fields); the registry
@@ -57,6 +61,8 @@ class MixerInfo:
   train_cost: str
   decode_state: str
   supports_segments: bool
+  tensor_parallel: bool = False
+  sequence_parallel: bool = False
 
   def __post_init__(self):
     if self.train_cost not in TRAIN_COSTS:

@@ -39,7 +39,8 @@ class GLA(LinearMixer):
 
   info = MixerInfo(family="linear attention", paper="Yang et al. 2023, "
                    "arXiv:2312.06635", train_cost="linear",
-                   decode_state="constant", supports_segments=True)
+                   decode_state="constant", supports_segments=True,
+                   tensor_parallel=True, sequence_parallel=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, key_dim: int | None = None,

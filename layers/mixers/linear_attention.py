@@ -37,7 +37,8 @@ class LinearAttention(FeatureAttention):
 
   info = MixerInfo(family="linear attention", paper="Katharopoulos et al. "
                    "2020, arXiv:2006.16236", train_cost="linear",
-                   decode_state="constant", supports_segments=True)
+                   decode_state="constant", supports_segments=True,
+                   tensor_parallel=True, sequence_parallel=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None, kernel: str = "auto",

@@ -231,7 +231,8 @@ class Mamba2(Mixer):
 
   info = MixerInfo(family="ssm", paper="Dao & Gu 2024, arXiv:2405.21060",
                    train_cost="linear", decode_state="constant",
-                   supports_segments=True)
+                   supports_segments=True,
+                   tensor_parallel=True)
   kernel_ops = {"kernel": la.LINEAR_ATTENTION}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, expand: int = 2,

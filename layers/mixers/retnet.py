@@ -43,7 +43,8 @@ class RetNet(LinearMixer):
 
   info = MixerInfo(family="linear attention", paper="Sun et al. 2023, "
                    "arXiv:2307.08621", train_cost="linear",
-                   decode_state="constant", supports_segments=True)
+                   decode_state="constant", supports_segments=True,
+                   tensor_parallel=True, sequence_parallel=True)
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, num_heads: int = 4,
                head_dim: int | None = None,

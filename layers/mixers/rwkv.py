@@ -166,7 +166,8 @@ class RWKV6(RecurrentMixer):
 
   info = MixerInfo(family="rnn", paper="Peng et al. 2024, arXiv:2404.05892",
                    train_cost="linear", decode_state="constant",
-                   supports_segments=True)
+                   supports_segments=True,
+                   tensor_parallel=True)
   kernel_ops = {"kernel": linear.LINEAR_ATTENTION}
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs, head_dim: int = 64,

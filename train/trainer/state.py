@@ -56,6 +56,11 @@ class Setup:
   abstract_state: TrainState    # ShapeDtypeStructs carrying their shardings
   state_sharding: TrainState
 
+  @property
+  def layout(self):
+    """The activation layout the model is traced under (`layers.parallel`)."""
+    return sharding.layout(self.mesh, self.cfg.mesh.rules)
+
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 

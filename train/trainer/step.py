@@ -18,8 +18,10 @@ update follows mean nll + (token-weighted mean) aux loss. Their statistics
 are logged per layer (`train.trainer.metrics.aux_metrics`), and their balancing steps
 outside the gradient (DeepSeek-V3's router bias) update the non-parameter
 state `TrainState.buffers` after each step, from the loads of the whole
-batch. The forward runs under `expert_parallel(mesh)`, so MoE layers with
-capacity dispatch send tokens to their experts' devices on an expert axis.
+batch. The forward runs under the run's `layers.parallel` layout, so MoE
+layers with capacity dispatch send tokens to their experts' devices on an
+expert axis, the residual stream keeps its batch and length split at every
+block, and mixers split along the length run their sequence-parallel form.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import optax
 from flax import nnx
 
 from arches.validation import ConfigError
-from layers.channel.dispatch import expert_parallel
+from layers import parallel
 from train.trainer.metrics import aux_metrics
 from train.trainer.optim import learning_rate
 from train.trainer.sharding import batch_divisor, batch_sharding
@@ -53,32 +55,32 @@ def token_sums(logits_BxLxV, batch) -> dict:
           "correct": (correct * batch["loss_mask"].astype(jnp.float32)).sum()}
 
 
-def forward_with_aux(graphdef, params, buffers, batch, mesh=None):
+def forward_with_aux(graphdef, params, buffers, batch, layout=None):
   """(logits, aux) of the model on the batch; see the module docstring."""
   model = nnx.merge(graphdef, params, buffers)
-  with expert_parallel(mesh):
+  with parallel.use(layout):
     return model.with_aux(batch["inputs"], segment_ids=batch.get("segment_ids"))
 
 
-def forward(graphdef, params, buffers, batch, mesh=None):
-  return forward_with_aux(graphdef, params, buffers, batch, mesh)[0]
+def forward(graphdef, params, buffers, batch, layout=None):
+  return forward_with_aux(graphdef, params, buffers, batch, layout)[0]
 
 
-def _objective(params, buffers, graphdef, batch, mesh):
-  logits, aux = forward_with_aux(graphdef, params, buffers, batch, mesh)
+def _objective(params, buffers, graphdef, batch, layout):
+  logits, aux = forward_with_aux(graphdef, params, buffers, batch, layout)
   nll, count = masked_nll(logits, batch)
   aux_loss = sum((a.loss for a in aux.values()), jnp.zeros((), jnp.float32))
   return nll + count * aux_loss, (nll, count, count * aux_loss, aux)
 
 
-def accumulate(graphdef, params, buffers, batch, grad_accum: int, mesh=None):
+def accumulate(graphdef, params, buffers, batch, grad_accum: int, layout=None):
   """Sums over `grad_accum` sequential micro-batches: (token nll, mask
   count, count-weighted aux loss, d(nll + count * aux loss)/d params, and
   each layer's aux averaged over the micro-batches)."""
   grad_fn = jax.value_and_grad(_objective, has_aux=True)
   if grad_accum == 1:
     (_, (nll, count, aux_loss, aux)), grads = grad_fn(params, buffers, graphdef,
-                                                      batch, mesh)
+                                                      batch, layout)
     return nll, count, aux_loss, grads, aux
 
   def micro(x):  # [B, ...] -> [A, B/A, ...]; row i*A + a -> micro-batch a
@@ -87,7 +89,7 @@ def accumulate(graphdef, params, buffers, batch, grad_accum: int, mesh=None):
 
   def sums(mb):
     (_, (nll, count, aux_loss, aux)), grads = grad_fn(params, buffers, graphdef,
-                                                      mb, mesh)
+                                                      mb, layout)
     return nll, count, aux_loss, grads, aux
 
   def body(carry, mb):
@@ -120,7 +122,7 @@ def _balanced(graphdef, params, buffers, aux):
 def _train_step(setup: Setup, state: TrainState, batch: dict):
   grad_accum = setup.cfg.train.grad_accum
   nll, count, aux_loss, grads, aux = accumulate(
-      setup.graphdef, state.params, state.buffers, batch, grad_accum, setup.mesh)
+      setup.graphdef, state.params, state.buffers, batch, grad_accum, setup.layout)
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
@@ -147,7 +149,7 @@ def make_eval_step(setup: Setup):
   """Jitted (state, batch) -> token sums of the batch (see `token_sums`)."""
   def step(state, batch):
     return token_sums(forward(setup.graphdef, state.params, state.buffers, batch,
-                              setup.mesh), batch)
+                              setup.layout), batch)
   return jax.jit(step, in_shardings=(setup.state_sharding, batch_sharding(setup.mesh)))
 
 
@@ -158,4 +160,4 @@ def check_batch_shape(setup: Setup, batch_size: int):
   if (batch_size // A) % n:
     raise ConfigError(f"micro-batch size train.batch_size/train.grad_accum = "
                       f"{batch_size // A} must be divisible by the {n} devices of the "
-                      "data x fsdp mesh", "train.batch_size", "train.grad_accum")
+                      "data x fsdp x expert axes", "train.batch_size", "train.grad_accum")
