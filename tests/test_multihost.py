@@ -90,7 +90,7 @@ def test_two_processes_match_one_and_resume_after_kill(tmp_path, config, compile
   resumed = launch(config, two, 2, env)
   outputs = [p.communicate(timeout=TIMEOUT)[0] for p in resumed]
   assert [p.returncode for p in resumed] == [0, 0], outputs
-  assert "mesh data=8 x fsdp=1 x expert=1 over 8 cpu devices in 2 process(es)" in outputs[0]
+  assert "mesh data=8 x fsdp=1 x expert=1 x sequence=1 x tensor=1 over 8 cpu devices in 2 process(es)" in outputs[0]
   assert "mesh" not in outputs[1]  # only process 0 prints and logs
 
   want, got = losses(one), losses(two)

@@ -73,7 +73,7 @@ def abstract_batch(cfg: Config, mesh) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Report:
   topology: str
-  layout: str                # Setup.layout(): mesh, devices, parameter bytes
+  layout: str                # Setup.describe(): mesh, devices, parameter bytes
   param_bytes: tuple[int, int]  # Setup.param_bytes(): (per device, in all)
   compile_s: float
   memory: dict               # MEMORY_FIELDS -> bytes per device
@@ -105,4 +105,4 @@ def compile_train_step(cfg: Config, topology: str) -> Report:
   seconds = time.perf_counter() - t0
   stats = compiled.memory_analysis()
   memory = {k: int(getattr(stats, k)) for k in MEMORY_FIELDS}
-  return Report(topology, setup.layout(), setup.param_bytes(), seconds, memory)
+  return Report(topology, setup.describe(), setup.param_bytes(), seconds, memory)

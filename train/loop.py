@@ -232,7 +232,7 @@ def train(cfg: Config, train_iter, eval_batches, *, data_info: dict) -> dict:
   changes = rundir.check_resume(cfg, data_info)
   trainer = Trainer(cfg, train_iter, eval_batches)  # checks shapes, makes run_dir
   if jax.process_index() == 0:  # the run record, once the resume check passed
-    print(trainer.setup.layout(), flush=True)
+    print(trainer.setup.describe(), flush=True)
     configs.save(cfg, tc.run_dir)
     _write_json(os.path.join(tc.run_dir, rundir.DATA_RECORD), data_info)
   state, start, skipped = trainer.restore_or_init()

@@ -103,7 +103,7 @@ def expert_load(setup: Setup, state: TrainState, batches) -> dict:
   "z_loss", "entropy", "dropped"}} (layers.channel.routers.RouterStats);
   {} for a model without MoE layers."""
   def stats(st, batch):
-    _, aux = forward_with_aux(setup.graphdef, st.params, st.buffers, batch, setup.mesh)
+    _, aux = forward_with_aux(setup.graphdef, st.params, st.buffers, batch, setup.layout)
     return {i: a.stats for i, a in aux.items()}
   if not jax.eval_shape(stats, state, batches[0]):
     return {}

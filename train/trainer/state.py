@@ -73,7 +73,7 @@ class Setup:
                      for x in leaves)
     return per_device, total
 
-  def layout(self) -> str:
+  def describe(self) -> str:
     """One line for the start of a run: the mesh and what one device holds."""
     per_device, total = self.param_bytes()
     axes = " x ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
