@@ -5,27 +5,15 @@ of the assignments."""
 
 import csv
 import json
-import os
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from notebook_runner import execute as run_notebook
 
 
 def execute(name, out, monkeypatch):
-  """Run notebooks/<name> at smoke size with outputs under `out`; its cells."""
-  pytest.importorskip("train.loop")
-  monkeypatch.setenv("MIXERLAB_TINY", "1")
-  monkeypatch.setenv("MIXERLAB_OUT", str(out))
-  monkeypatch.setenv("MIXERLAB_TEXT", str(out / "absent.txt"))  # the embedded corpus: quick
-  monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  nb = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(out)}}).execute()
-  return nb.cells
+  """notebooks/<name> at smoke size on the embedded corpus (quick); its cells."""
+  return run_notebook(name, out, monkeypatch, MIXERLAB_TEXT=str(out / "absent.txt"))
 
 
 def images(cells):
